@@ -1,0 +1,140 @@
+"""Saving and loading trained dictionaries.
+
+A dictionary is a directory holding ``config.json`` (the architecture config, tag included,
+normalisation state included) and ``sae_weights.safetensors``. Both are written into a temporary
+sibling directory that then replaces the target, so a reader never sees a config that disagrees
+with its weights, and a failed save leaves the previous dictionary intact.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import shutil
+import tempfile
+from typing import TYPE_CHECKING, Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from lmsae import __version__
+from lmsae.config.base import DictionaryConfig
+from lmsae.errors import CheckpointError, ConfigError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from lmsae.dictionary.base import SparseDictionary
+    from lmsae.registry import Registry
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "sae_weights.safetensors"
+
+
+def state_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Contiguous CPU copies of the persistent state (parameters and persistent buffers)."""
+    return {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
+
+
+def write_directory_atomically(directory: str | os.PathLike, files: dict[str, bytes | Any]) -> pathlib.Path:
+    """Write ``files`` (name -> bytes, or name -> callable(path) that writes the file) into
+    ``directory``, replacing it as a whole.
+
+    Files already in ``directory`` that are not being written are carried over, so unrelated
+    content (e.g. ``checkpoints/``) survives.
+    """
+    target = pathlib.Path(directory)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    try:
+        for name, content in files.items():
+            path = tmp / name
+            if callable(content):
+                content(path)
+            else:
+                path.write_bytes(content)
+            with open(path, "rb") as fh:
+                os.fsync(fh.fileno())
+        if target.exists():
+            for child in target.iterdir():
+                if child.name not in files:
+                    os.replace(child, tmp / child.name)
+            backup = target.with_name(f".{target.name}.old")
+            if backup.exists():
+                shutil.rmtree(backup)
+            os.replace(target, backup)
+            os.replace(tmp, target)
+            shutil.rmtree(backup, ignore_errors=True)
+        else:
+            os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def save_dictionary(model: SparseDictionary, directory: str | os.PathLike, registry: Registry,
+                    *, metadata: dict[str, str] | None = None) -> pathlib.Path:
+    """Save ``model`` to ``directory`` (``config.json`` + ``sae_weights.safetensors``), atomically."""
+    config_data = registry.unstructure(model.config)
+    tensors = state_tensors(model)
+    meta = {"format": "lmsae-dictionary", "lmsae_version": __version__, "architecture": model.config.name,
+            **(metadata or {})}
+    return write_directory_atomically(directory, {
+        CONFIG_FILE: (json.dumps(config_data, indent=2) + "\n").encode("utf-8"),
+        WEIGHTS_FILE: lambda p: save_file(tensors, str(p), metadata=meta),
+    })
+
+
+def read_dictionary_config(directory: str | os.PathLike, registry: Registry) -> DictionaryConfig:
+    """The architecture config stored in a dictionary directory."""
+    path = pathlib.Path(directory) / CONFIG_FILE
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such file (is {directory} a saved lmsae dictionary?)")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{path}: not valid JSON ({exc})") from None
+    try:
+        return registry.structure(data, DictionaryConfig, source=str(path))
+    except ConfigError as exc:
+        raise CheckpointError(str(exc)) from None
+
+
+def load_dictionary(directory: str | os.PathLike, registry: Registry, *, device: str | torch.device = "cpu",
+                    dtype: torch.dtype | None = None, strict: bool = True,
+                    fold_normalization: bool = False, config: DictionaryConfig | None = None) -> SparseDictionary:
+    """Load a saved dictionary.
+
+    - ``strict``: every tensor of the model must be in the file and vice versa.
+    - ``fold_normalization``: fold dataset-wise normalisation into the weights after loading.
+    - ``config``: use this config instead of the stored one (e.g. to change k of a TopK).
+    """
+    directory = pathlib.Path(directory)
+    cfg = config if config is not None else read_dictionary_config(directory, registry)
+    spec = registry.architecture(cfg.name)
+    model = spec.model_class(cfg)
+    path = directory / WEIGHTS_FILE
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such file")
+    try:
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError) as exc:
+        raise CheckpointError(f"{path}: cannot read weights ({exc})") from None
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    if strict and (missing or unexpected):
+        raise CheckpointError(f"{path}: weights do not match the {cfg.name!r} config: missing {missing}, "
+                              f"unexpected {unexpected}")
+    for key, value in tensors.items():
+        if key in expected and expected[key].shape != value.shape:
+            raise CheckpointError(f"{path}: tensor {key!r} has shape {tuple(value.shape)}, the config implies "
+                                  f"{tuple(expected[key].shape)}")
+    model.load_state_dict({k: v for k, v in tensors.items() if k in expected}, strict=strict)
+    model.to(device=device)
+    if dtype is not None:
+        model.to(dtype=dtype)
+    if fold_normalization:
+        model.fold_normalization()
+    return model

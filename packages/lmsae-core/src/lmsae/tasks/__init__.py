@@ -1,0 +1,1 @@
+"""Built-in tasks run by ``lmsae run`` (``task = "..."``)."""

@@ -1,0 +1,204 @@
+"""The architecture contract: one test class a plugin subclasses in one line.
+
+Example (the whole test file of a plugin)::
+
+    from lmsae.testing import ArchitectureContract
+
+    class TestMyArch(ArchitectureContract):
+        architecture = "myarch"
+
+The plugin must be installed (found through its entry point); a test that wants to register a
+module directly sets ``plugins = ("my_package.plugin",)`` instead. Override :meth:`configs` to
+run every check on several configs (e.g. each activation function). Skipping a check needs an
+explicit ``pytest.mark.xfail(reason=...)`` on an override, never a silent skip.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import tomllib
+from typing import Any, ClassVar
+
+import attrs
+import pytest
+import torch
+
+from lmsae.config.base import DictionaryConfig
+from lmsae.config.files import dumps_toml
+from lmsae.dictionary.base import SparseDictionary
+from lmsae.dictionary.io import load_dictionary, save_dictionary
+from lmsae.errors import ConfigError
+from lmsae.records import ArchitectureSpec
+from lmsae.registry import Registry, load_registry
+
+MESH_AXES = ("data", "model", "head", "sweep")
+
+
+class ArchitectureContract:
+    """Checks every architecture must pass. Set ``architecture`` in the subclass."""
+
+    #: the architecture's registered name
+    architecture: ClassVar[str] = ""
+    #: plugin modules to register explicitly (when the package is not installed)
+    plugins: ClassVar[tuple[str, ...]] = ()
+    #: absolute tolerance of the float64 equality checks
+    atol: ClassVar[float] = 1e-9
+    #: tokens (or sequences) per test batch
+    batch_size: ClassVar[int] = 8
+
+    # --- fixtures / overridable helpers ------------------------------------------------------
+
+    @pytest.fixture
+    def registry(self) -> Registry:
+        return load_registry(plugins=self.plugins, strict=True)
+
+    @pytest.fixture
+    def spec(self, registry: Registry) -> ArchitectureSpec:
+        if not self.architecture:
+            raise TypeError(f"{type(self).__name__} must set `architecture = \"<name>\"`")
+        return registry.architecture(self.architecture)
+
+    def configs(self, spec: ArchitectureSpec) -> list[DictionaryConfig]:
+        """Configs every check runs on (default: the spec's example config)."""
+        return [spec.example_config()]
+
+    def build(self, spec: ArchitectureSpec, config: DictionaryConfig, seed: int = 0) -> SparseDictionary:
+        """A float64 model with every parameter randomised (biases non-zero too).
+
+        A config with dataset-wise normalisation but no norms gets random norms, as if estimated.
+        """
+        g = torch.Generator().manual_seed(seed)
+        if config.normalization == "dataset" and not config.dataset_norms:
+            norms = {h: float(torch.empty(()).uniform_(0.5, 20.0, generator=g)) for h in config.hook_points}
+            config = attrs.evolve(config, dataset_norms=norms)
+        model = spec.model_class(config)
+        model.reset_parameters(generator=g)
+        model.double()
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.1 * torch.randn(p.shape, generator=g, dtype=p.dtype))
+        return model
+
+    def batch(self, model: SparseDictionary, seed: int = 1) -> dict[str, torch.Tensor]:
+        return model.example_batch(self.batch_size, generator=torch.Generator().manual_seed(seed))
+
+    def parameters_allowed_without_gradient(self, config: DictionaryConfig) -> set[str]:
+        """Parameters that may legitimately get no gradient from one random batch (override)."""
+        return set()
+
+    # --- checks ------------------------------------------------------------------------------
+
+    def test_spec_is_consistent(self, spec: ArchitectureSpec) -> None:
+        assert spec.name == self.architecture
+        assert issubclass(spec.model_class, SparseDictionary)
+        assert isinstance(spec.example_config(), spec.config_class)
+
+    def test_config_round_trip(self, spec: ArchitectureSpec, registry: Registry) -> None:
+        for cfg in self.configs(spec):
+            data = registry.unstructure(cfg)
+            assert data["architecture"] == self.architecture
+            assert registry.structure(json.loads(json.dumps(data)), DictionaryConfig) == cfg
+            assert registry.structure(tomllib.loads(dumps_toml(data)), DictionaryConfig) == cfg
+
+    def test_unknown_key_rejected(self, spec: ArchitectureSpec, registry: Registry) -> None:
+        data = registry.unstructure(spec.example_config())
+        data["definitely_not_a_key"] = 1
+        with pytest.raises(ConfigError) as info:
+            registry.structure(data, DictionaryConfig)
+        assert any(p.startswith("$.definitely_not_a_key: unknown key") for p in info.value.problems)
+
+    def test_example_config_builds(self, spec: ArchitectureSpec) -> None:
+        for cfg in self.configs(spec):
+            model = spec.model_class(cfg)
+            assert isinstance(model, SparseDictionary)
+            assert model.parameter_count() > 0
+            assert set(model.hook_dims()) == set(cfg.hook_points)
+
+    def test_forward_shapes(self, spec: ArchitectureSpec) -> None:
+        for cfg in self.configs(spec):
+            model = self.build(spec, cfg)
+            batch = self.batch(model)
+            x, extras = model.prepare_input(batch)
+            label = model.prepare_label(batch)
+            acts = model.encode(x, mask=batch["mask"], **extras)
+            lead = batch["mask"].shape
+            assert acts.ndim == len(model.feature_axes(x))
+            assert tuple(acts.shape[: len(lead)]) == tuple(lead)
+            assert tuple(acts.shape[len(lead):]) == tuple(model.decoder_norm().shape)
+            recon = model.decode(acts, **extras)
+            assert recon.shape == label.shape
+            assert model.forward(x, mask=batch["mask"], **extras).shape == label.shape
+            assert model.forward_raw(batch).shape == label.shape
+
+    def test_every_parameter_receives_gradient(self, spec: ArchitectureSpec) -> None:
+        for cfg in self.configs(spec):
+            model = self.build(spec, cfg)
+            batch = self.batch(model)
+            x, extras = model.prepare_input(batch)
+            acts = model.encode(x, mask=batch["mask"], **extras)
+            recon = model.decode(acts, **extras)
+            loss = (recon - model.prepare_label(batch)).pow(2).sum() + acts.sum()
+            loss.backward()
+            allowed = self.parameters_allowed_without_gradient(cfg)
+            lacking = [n for n, p in model.named_parameters()
+                       if n not in allowed and (p.grad is None or not bool(p.grad.abs().sum() > 0))]
+            assert not lacking, f"parameters without gradient for {cfg}: {lacking}"
+
+    def test_save_load_round_trip(self, spec: ArchitectureSpec, registry: Registry, tmp_path: pathlib.Path) -> None:
+        for i, cfg in enumerate(self.configs(spec)):
+            model = self.build(spec, cfg).float()
+            target = tmp_path / f"dict{i}"
+            save_dictionary(model, target, registry)
+            loaded = load_dictionary(target, registry)
+            assert type(loaded) is type(model)
+            assert loaded.config == model.config
+            a, b = model.state_dict(), loaded.state_dict()
+            assert a.keys() == b.keys()
+            for k in a:
+                assert torch.equal(a[k], b[k]), k
+            batch = {k: v.float() if v.is_floating_point() else v for k, v in self.batch(model).items()}
+            torch.testing.assert_close(loaded.forward_raw(batch), model.forward_raw(batch), rtol=0, atol=0)
+
+    def test_sharding_rules_cover_exactly_the_parameters(self, spec: ArchitectureSpec) -> None:
+        for cfg in self.configs(spec):
+            model = spec.model_class(cfg)
+            rules = spec.sharding_rules(cfg)
+            params = dict(model.named_parameters())
+            assert set(rules) == set(params), (f"rules without parameter: {sorted(set(rules) - set(params))}; "
+                                               f"parameters without rule: {sorted(set(params) - set(rules))}")
+            for name, rule in rules.items():
+                for axis, dim in rule.items():
+                    assert axis in MESH_AXES, f"{name}: unknown mesh axis {axis!r}"
+                    assert -params[name].ndim <= dim < params[name].ndim, f"{name}: dim {dim} out of range"
+
+    def test_folding_is_exact(self, spec: ArchitectureSpec) -> None:
+        for cfg in self.configs(spec):
+            g = torch.Generator().manual_seed(3)
+            norms = {h: float(torch.empty(()).uniform_(0.5, 20.0, generator=g)) for h in cfg.hook_points}
+            cfg_norm = attrs.evolve(cfg, normalization="dataset", dataset_norms=norms)
+            model = self.build(spec, cfg_norm)
+            batch = self.batch(model)
+            reference = model.forward_raw(batch)
+            x, extras = model.prepare_input(model.normalize(batch))
+            acts_before = model.encode(x, mask=batch["mask"], **extras)
+            model.fold_normalization()
+            assert model.config.normalization == "none"
+            folded = model.forward_raw(batch)
+            torch.testing.assert_close(folded, reference, rtol=1e-9, atol=self.atol * max(1.0, _scale(reference)))
+            x, extras = model.prepare_input(batch)
+            acts_after = model.encode(x, mask=batch["mask"], **extras)
+            # the same features fire (selection and thresholds survive folding)
+            assert torch.equal(acts_after > 0, acts_before > 0)
+
+    def test_decoder_norm_matches_feature_dims(self, spec: ArchitectureSpec) -> None:
+        for cfg in self.configs(spec):
+            model = spec.model_class(cfg)
+            norm = model.decoder_norm()
+            assert len(norm.shape) == len(model.feature_dims)
+            assert norm.shape[-1] == cfg.n_features
+            assert bool((norm >= 0).all())
+
+
+def _scale(t: torch.Tensor) -> float:
+    return float(t.detach().abs().max()) if t.numel() else 1.0

@@ -1,0 +1,248 @@
+"""Optimisers and gradient clipping for dictionary training.
+
+:class:`SparseAdam` is Adam for gradients that are exactly zero almost everywhere, as in TopK
+dictionaries where most latents are inactive on a batch: the elements that received no gradient
+keep their moments, their step count and their value, instead of being moved by stale momentum.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+
+__all__ = [
+    "OPTIMIZERS",
+    "SparseAdam",
+    "build_optimizer",
+    "clip_grad_norm_",
+    "global_grad_norm",
+]
+
+OPTIMIZERS: tuple[str, ...] = ("adam", "sparse_adam")
+"""Names accepted by :func:`build_optimizer`."""
+
+ParamsT = Iterable[torch.Tensor] | Iterable[dict[str, Any]]
+
+
+class SparseAdam(torch.optim.Optimizer):
+    """Adam that only updates the elements whose gradient is nonzero.
+
+    For each parameter element with ``grad != 0`` this is the update of
+    :class:`torch.optim.Adam` (L2 weight decay added to the gradient, bias-corrected moments),
+    except that the bias correction uses that element's own step count. Elements with
+    ``grad == 0`` are left entirely alone: no moment decay, no weight decay, no step, no count.
+    Parameters whose ``grad`` is None are skipped.
+
+    State per parameter (all the parameter's shape): ``step`` (int32, number of updates the
+    element received), ``exp_avg`` and ``exp_avg_sq`` (parameter dtype).
+
+    With every gradient element nonzero at every step this matches :class:`torch.optim.Adam`
+    up to float rounding.
+
+    Args:
+        params: parameters or parameter groups.
+        lr: learning rate (> 0; may be changed per group by a scheduler).
+        betas: decay rates of the first and second moment, each in ``[0, 1)``.
+        eps: added to the denominator (>= 0).
+        weight_decay: L2 penalty coefficient (>= 0), applied to updated elements only.
+
+    Raises:
+        ValueError: a hyper-parameter is out of range.
+    """
+
+    def __init__(
+        self,
+        params: ParamsT,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+    ):
+        if not lr >= 0.0:
+            raise ValueError(f"SparseAdam: lr must be >= 0, got {lr!r}")
+        if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
+            raise ValueError(f"SparseAdam: betas must be two numbers in [0, 1), got {betas!r}")
+        if not eps >= 0.0:
+            raise ValueError(f"SparseAdam: eps must be >= 0, got {eps!r}")
+        if not weight_decay >= 0.0:
+            raise ValueError(f"SparseAdam: weight_decay must be >= 0, got {weight_decay!r}")
+        defaults = {
+            "lr": lr,
+            "betas": (float(betas[0]), float(betas[1])),
+            "eps": eps,
+            "weight_decay": weight_decay,
+        }
+        super().__init__(params, defaults)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """As :meth:`torch.optim.Optimizer.load_state_dict`, then move ``step`` to each param.
+
+        The base class deliberately leaves ``step`` on the device it was saved from (it is a
+        scalar there); ours is per element and must live with the parameter.
+        """
+        super().load_state_dict(state_dict)
+        for group in self.param_groups:
+            for p in group["params"]:
+                state = self.state.get(p)
+                if state and "step" in state:
+                    state["step"] = state["step"].to(device=p.device, dtype=torch.int32)
+
+    @torch.no_grad()
+    def step(  # type: ignore[override]
+        self, closure: Callable[[], float] | None = None
+    ) -> float | None:
+        """Perform one update. ``closure`` (optional) re-evaluates and returns the loss."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            lr, eps, weight_decay = group["lr"], group["eps"], group["weight_decay"]
+            for p in group["params"]:
+                grad = p.grad
+                if grad is None:
+                    continue
+                if grad.is_sparse:
+                    raise RuntimeError("SparseAdam expects dense gradients holding exact zeros")
+                state = self.state[p]
+                if not state:
+                    state["step"] = torch.zeros_like(
+                        p, dtype=torch.int32, memory_format=torch.contiguous_format
+                    )
+                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
+                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
+
+                mask = grad != 0
+                # Boolean indexing gathers only the active elements, so the work and the
+                # temporaries scale with the number of active elements, not the parameter size.
+                g = grad[mask]
+                if g.numel() == 0:
+                    continue
+                step_t = state["step"]
+                step_t[mask] += 1
+                param_vals = p[mask]
+                if weight_decay != 0:
+                    g = g.add(param_vals, alpha=weight_decay)
+
+                m = state["exp_avg"][mask].lerp_(g, 1 - beta1)
+                v = state["exp_avg_sq"][mask].mul_(beta2).addcmul_(g, g, value=1 - beta2)
+                state["exp_avg"][mask] = m
+                state["exp_avg_sq"][mask] = v
+
+                # Bias corrections per element, computed in float64 like Adam's Python floats.
+                n = step_t[mask].to(torch.float64)
+                bias_correction1 = 1 - torch.pow(beta1, n)
+                bias_correction2_sqrt = (1 - torch.pow(beta2, n)).sqrt()
+                step_size = (lr / bias_correction1).to(p.dtype)
+                denom = (v.sqrt() / bias_correction2_sqrt.to(p.dtype)).add_(eps)
+                # (step_size * m) / denom, in this order, is how Adam's addcdiv_ rounds.
+                p[mask] = param_vals - (step_size * m) / denom
+        return loss
+
+
+def _as_list(params: Iterable[torch.Tensor] | torch.Tensor) -> list[torch.Tensor]:
+    if isinstance(params, torch.Tensor):
+        return [params]
+    return list(params)
+
+
+def _squared_norm(params: list[torch.Tensor]) -> torch.Tensor:
+    grads = [p.grad for p in params if p.grad is not None]
+    if grads:
+        device = grads[0].device
+    else:
+        # Still return a tensor on the parameters' device: with a distributed ``reduce_fn`` this
+        # rank must take part in the collective even if it holds no gradient.
+        device = params[0].device if params else torch.device("cpu")
+    total = torch.zeros((), dtype=torch.float32, device=device)
+    for g in grads:
+        # vector_norm with dtype=float32 accumulates in fp32 without materialising an fp32 copy
+        # of a bf16/fp16 gradient.
+        norm = torch.linalg.vector_norm(g.detach(), 2, dtype=torch.float32)
+        total = total + norm.to(device).square()
+    return total
+
+
+def global_grad_norm(
+    params: Iterable[torch.Tensor] | torch.Tensor,
+    *,
+    reduce_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """Global L2 norm of the gradients of ``params`` (those with ``grad`` None are skipped).
+
+    Accumulated in fp32. ``reduce_fn`` (optional) is applied to the squared local norm before the
+    square root, e.g. an all-reduce sum over ranks that each hold a shard of the gradients.
+
+    ``reduce_fn`` may work in place and return None (as ``torch.distributed.all_reduce`` does).
+
+    Returns:
+        A 0-dim fp32 tensor on the device of the first gradient (of the first parameter if no
+        parameter has a gradient).
+    """
+    total_sq = _squared_norm(_as_list(params))
+    if reduce_fn is not None:
+        reduced = reduce_fn(total_sq)
+        # In-place collectives such as ``torch.distributed.all_reduce`` return None (or a work
+        # handle); their result is then the tensor itself.
+        if isinstance(reduced, torch.Tensor):
+            total_sq = reduced
+    return total_sq.sqrt()
+
+
+def clip_grad_norm_(
+    params: Iterable[torch.Tensor] | torch.Tensor,
+    max_norm: float,
+    *,
+    reduce_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """Scale gradients in place so that their global L2 norm is at most ``max_norm``.
+
+    Gradients are multiplied by ``max_norm / (norm + 1e-6)`` when that factor is below 1 (as
+    :func:`torch.nn.utils.clip_grad_norm_`); ``max_norm <= 0`` disables clipping. ``reduce_fn``
+    is applied to the squared local norm before the square root (see :func:`global_grad_norm`).
+
+    Returns:
+        The global norm before clipping (0-dim fp32 tensor).
+    """
+    params = _as_list(params)
+    grads = [p.grad for p in params if p.grad is not None]
+    norm = global_grad_norm(params, reduce_fn=reduce_fn)
+    if max_norm > 0 and grads:
+        # Always multiply by the clamped factor instead of branching on ``norm > max_norm``: a
+        # Python branch would force a device-to-host sync every step; a factor of exactly 1.0
+        # leaves the gradients bit-identical.
+        coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+        for g in grads:
+            g.mul_(coef.to(device=g.device, dtype=g.dtype))
+    return norm
+
+
+def build_optimizer(
+    name: str,
+    param_groups: ParamsT,
+    *,
+    lr: float,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+) -> torch.optim.Optimizer:
+    """Build the optimiser called ``name`` (one of :data:`OPTIMIZERS`).
+
+    ``"adam"`` is :class:`torch.optim.Adam`, ``"sparse_adam"`` is :class:`SparseAdam`.
+    ``param_groups`` is a list of parameters or of parameter-group dicts; the keyword values are
+    the defaults for groups that do not set them.
+
+    Raises:
+        ValueError: unknown ``name`` (the message lists the valid names).
+    """
+    if name == "adam":
+        return torch.optim.Adam(
+            param_groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay
+        )
+    if name == "sparse_adam":
+        return SparseAdam(param_groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+    raise ValueError(f"unknown optimizer {name!r}; valid names: {', '.join(OPTIMIZERS)}")

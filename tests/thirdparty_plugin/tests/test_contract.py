@@ -1,0 +1,5 @@
+from lmsae.testing import ArchitectureContract
+
+
+class TestTied(ArchitectureContract):
+    architecture = "tied"
