@@ -36,7 +36,7 @@ def write_example(tmp_path, registry, capsys, name="toy") -> pathlib.Path:
 def test_example_then_check(tmp_path, registry, capsys):
     path = write_example(tmp_path, registry, capsys)
     code, out, err = run(["config", "check", str(path)], registry, capsys)
-    assert code == 0 and "valid 'init' config" in out and err == ""
+    assert code == 0 and "valid 'train' config" in out and err == ""
 
 
 def test_check_misspelt_key_exits_2_with_path_and_closest(tmp_path, registry, capsys):
@@ -52,13 +52,13 @@ def test_check_unknown_architecture_lists_installed(tmp_path, registry, capsys):
     path = write_example(tmp_path, registry, capsys)
     path.write_text(path.read_text().replace('architecture = "toy"', 'architecture = "nope"'))
     code, _, err = run(["config", "check", str(path)], registry, capsys)
-    assert code == 2 and "unknown architecture 'nope'; installed architectures: toy" in err
+    assert code == 2 and "unknown architecture 'nope'; installed architectures: sae, toy" in err
 
 
 def test_set_override_is_validated(tmp_path, registry, capsys):
     path = write_example(tmp_path, registry, capsys)
-    code, _, err = run(["config", "check", str(path), "--set", "seed=1.5"], registry, capsys)
-    assert code == 2 and "$.seed: expected an integer, got float 1.5" in err
+    code, _, err = run(["config", "check", str(path), "--set", "trainer.seed=1.5"], registry, capsys)
+    assert code == 2 and "$.trainer.seed: expected an integer, got float 1.5" in err
 
 
 def test_missing_file_is_one_line(tmp_path, registry, capsys):
@@ -90,10 +90,10 @@ def test_plugins_table_lists_builtins_with_distribution(registry, capsys):
 def test_run_init_task_writes_a_loadable_dictionary(tmp_path, registry, capsys):
     from lmsae.dictionary import load_dictionary
 
-    path = write_example(tmp_path, registry, capsys)
+    path = write_example(tmp_path, registry, capsys, name="init")
     out_dir = tmp_path / "dict"
     code, out, _ = run(["run", str(path), "--set", f'output_dir="{out_dir}"'], registry, capsys)
-    assert code == 0 and "initialised 'toy' dictionary" in out
+    assert code == 0 and "initialised 'sae' dictionary" in out
     model = load_dictionary(out_dir, registry)
     assert model.n_features == 64
     # refuses to overwrite, and leaves the existing dictionary untouched

@@ -83,7 +83,7 @@ def test_unknown_tag_lists_installed_choices(registry):
     data = good()
     data["dictionary"]["architecture"] = "toi"
     (p,) = problems(registry, data)
-    assert p.startswith("$.dictionary.architecture: unknown architecture 'toi'; installed architectures: toy")
+    assert p.startswith("$.dictionary.architecture: unknown architecture 'toi'; installed architectures: sae, toy")
     assert "did you mean 'toy'" in p
 
 
@@ -91,7 +91,7 @@ def test_unknown_task_and_missing_task(registry):
     assert problems(registry, {**good(), "task": "dmeo"})[0].startswith("$.task: unknown task 'dmeo'")
     data = good()
     del data["task"]
-    assert problems(registry, data)[0].startswith("$.task: missing key; installed tasks: demo, init")
+    assert problems(registry, data)[0].startswith("$.task: missing key; installed tasks: demo, init, train")
 
 
 @pytest.mark.parametrize(("key", "value", "expected"), [

@@ -533,3 +533,20 @@ def load_tensors_and_json(
             "(interrupted write?)"
         )
     return tensors, doc["meta"]
+
+
+# --------------------------------------------------------------------------------------------
+# Arbitrary nested state (dicts of JSON values and tensors)
+
+
+def nested_to_flat(state: Any, prefix: str = "state") -> tuple[dict[str, torch.Tensor], Any]:
+    """Split a nested state (dicts/lists/tuples of JSON values and tensors) into
+    ``(tensors, meta)``: tensors keyed by their path, and a JSON value referencing them."""
+    sink: dict[str, torch.Tensor] = {}
+    meta = _encode(state, prefix, sink)
+    return sink, meta
+
+
+def nested_from_flat(tensors: Mapping[str, torch.Tensor], meta: Any, what: str = "state") -> Any:
+    """The inverse of :func:`nested_to_flat`."""
+    return _decode(meta, tensors, what)

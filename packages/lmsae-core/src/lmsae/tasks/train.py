@@ -1,0 +1,214 @@
+"""``task = "train"``: train one dictionary from a stream of activations.
+
+Steps: estimate dataset-wise normalisation from a separate pass over the start of the stream
+(counted and reported), initialise the dictionary, train, evaluate, fold the normalisation into
+the weights and save ``config.json`` + ``sae_weights.safetensors`` to ``output_dir``.
+``resume = true`` continues from the newest checkpoint in ``output_dir/checkpoints``.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import pathlib
+import shutil
+import time
+from typing import Any, ClassVar, Literal
+
+import attrs
+import torch
+
+from lmsae.activations.factory import ActivationsConfig
+from lmsae.config import DictionaryConfig, LoggerConfig, RunConfig, TrainerConfig, config_class, option
+from lmsae.dictionary.base import SparseDictionary
+from lmsae.dictionary.io import load_dictionary, save_dictionary
+from lmsae.errors import LmsaeError
+from lmsae.logging.loggers import ConsoleLoggerConfig, JsonlLoggerConfig, LoggerContext, MultiLogger
+from lmsae.records import TaskSpec
+from lmsae.runtime import RunContext
+from lmsae.tasks.common import DTYPES, estimate_dataset_norms, resolve_device, stream_builder, take
+from lmsae.training.evaluation import evaluate_reconstruction
+from lmsae.training.initializer import InitializerConfig, initialize
+from lmsae.training.state_io import atomic_write_json
+from lmsae.training.trainer import StandardTrainerConfig, TrainResult, list_checkpoints, read_checkpoint
+
+log = logging.getLogger(__name__)
+
+
+def _default_loggers() -> list[LoggerConfig]:
+    return [ConsoleLoggerConfig(), JsonlLoggerConfig()]
+
+
+@config_class
+class TrainRunConfig(RunConfig):
+    """Train a sparse dictionary."""
+
+    name: ClassVar[str] = "train"
+
+    dictionary: DictionaryConfig = option(doc="The dictionary to train ([dictionary] table with its architecture).")
+    activations: ActivationsConfig = option(doc="Where training activations come from ([activations] table).")
+    trainer: TrainerConfig = option(doc="Optimisation settings ([trainer] table; type defaults to 'standard').")
+    initializer: InitializerConfig = option(factory=InitializerConfig, doc="Initialisation ([initializer] table).")
+    eval_activations: ActivationsConfig | None = option(
+        None, doc="Held-out activations for periodic and final evaluation (None: the final report uses the last "
+                  "training window).")
+    loggers: list[LoggerConfig] = option(factory=_default_loggers,
+                                         doc="Metric loggers ([[loggers]] tables: console, jsonl, wandb).")
+    output_dir: pathlib.Path = option(pathlib.Path("runs/train"), doc="Where the dictionary, checkpoints and metrics go.")
+    run_name: str | None = option(None, doc="Name of the run (default: the output directory's name).")
+    resume: bool = option(False, doc="Continue from the newest checkpoint in output_dir/checkpoints.")
+    overwrite: bool = option(False, doc="Allow replacing a previous run's results in output_dir.")
+    device: str = option("auto", doc="'auto' (CUDA if available, else CPU), 'cpu', 'cuda', 'cuda:1', ...")
+    dtype: Literal["float32", "float64"] = option("float32", doc="Parameter dtype.")
+    fold_normalization: bool = option(True, doc="Fold dataset-wise normalisation into the saved weights, so the "
+                                                "saved dictionary takes raw activations.")
+
+
+def _check_output_dir(cfg: TrainRunConfig) -> pathlib.Path | None:
+    out = cfg.output_dir
+    if cfg.resume:
+        ckpts = list_checkpoints(out)
+        if not ckpts:
+            raise LmsaeError(f"resume = true but {out / 'checkpoints'} holds no checkpoint")
+        return ckpts[-1]
+    previous = (out / "config.json").exists() or bool(list_checkpoints(out))
+    if previous and not cfg.overwrite:
+        raise LmsaeError(f"{out} already holds results of a run; set resume = true to continue it or "
+                         f"overwrite = true to replace it")
+    if previous:
+        shutil.rmtree(out / "checkpoints", ignore_errors=True)
+    return None
+
+
+def build_model(context: RunContext, config: DictionaryConfig, dtype: torch.dtype) -> SparseDictionary:
+    spec = context.registry.architecture(config.name)
+    model = spec.model_class(config)
+    return model.to(dtype=dtype)
+
+
+def run(cfg: TrainRunConfig, context: RunContext) -> TrainResult:
+    registry = context.registry
+    start = time.monotonic()
+    checkpoint = _check_output_dir(cfg)
+    device = resolve_device(cfg.device)
+    dtype = DTYPES[cfg.dtype]
+    if not isinstance(cfg.trainer, StandardTrainerConfig):
+        trainer_spec = registry.get("trainer", cfg.trainer.name)
+    else:
+        trainer_spec = registry.get("trainer", "standard")
+    hooks = tuple(cfg.dictionary.hook_points)
+    make_stream = stream_builder(registry, cfg.activations, hooks, progress=context.progress)
+    make_eval = (stream_builder(registry, cfg.eval_activations, hooks, progress=False)
+                 if cfg.eval_activations is not None else None)
+    out = cfg.output_dir
+    out.mkdir(parents=True, exist_ok=True)
+
+    if checkpoint is not None:
+        model = load_dictionary(checkpoint / "dictionary", registry).to(dtype=dtype)
+        trainer_state, stream_state = read_checkpoint(checkpoint)
+        context.echo(f"resuming from {checkpoint} (step {trainer_state['step']})")
+    else:
+        model = build_model(context, cfg.dictionary, dtype)
+        trainer_state = stream_state = None
+        need_norms = cfg.dictionary.normalization == "dataset" and not cfg.dictionary.dataset_norms
+        n_calib = cfg.trainer.calibration_batches if isinstance(cfg.trainer, StandardTrainerConfig) else 8
+        calibration = take(make_stream(), n_calib if need_norms else 1)
+        if not calibration:
+            raise LmsaeError("the activation stream is empty")
+        if need_norms:
+            norms, n_tokens = estimate_dataset_norms(calibration, hooks)
+            model.config = attrs.evolve(model.config, dataset_norms=norms)
+            shown = ", ".join(f"{h}: {v:.4g}" for h, v in norms.items())
+            context.echo(f"dataset norms estimated from {len(calibration)} batches ({n_tokens:,} tokens, a separate "
+                         f"pass over the start of the stream; training still sees them): {shown}")
+        report = initialize(model, cfg.initializer, {k: (v.to(dtype) if isinstance(v, torch.Tensor) and
+                                                         v.is_floating_point() else v)
+                                                     for k, v in calibration[0].items()})
+        if report:
+            log.info("initialisation: %s", report)
+
+    run_name = cfg.run_name or out.resolve().name
+    plain = registry.unstructure(cfg)
+    logger_ctx = LoggerContext(output_dir=out, run_name=run_name, config=plain, resume=checkpoint is not None)
+    loggers = MultiLogger([registry.get("logger", lc.name).factory(lc, logger_ctx) for lc in cfg.loggers])
+    atomic_write_json(out / "run_config.json", plain)
+
+    eval_tokens = getattr(cfg.trainer, "eval_tokens", 100_000)
+    eval_fn = ((lambda m: evaluate_reconstruction(m, make_eval(), eval_tokens, device=device))
+               if make_eval is not None else None)
+    trainer = trainer_spec.factory(cfg.trainer, model, device=device, loggers=loggers, hooks=registry.hook,
+                                   output_dir=out, registry=registry, eval_fn=eval_fn, progress=context.progress)
+    stream = make_stream()
+    if trainer_state is not None:
+        trainer.load_state_dict(trainer_state)
+        stream.load_state_dict(stream_state)
+    try:
+        result = trainer.fit(stream, resumed=trainer_state is not None, stream_state=stream.state_dict)
+        final = evaluate_reconstruction(model, make_eval(), eval_tokens, device=device) if make_eval else {}
+        summary = _summary(result, final, time.monotonic() - start)
+        loggers.log_summary(summary)
+        saved = copy.deepcopy(model).cpu()
+        if cfg.fold_normalization and saved.config.normalization == "dataset":
+            saved.fold_normalization()
+        save_dictionary(saved, out, registry, metadata={"training": result.reason})
+        atomic_write_json(out / "training_summary.json", summary)
+    finally:
+        loggers.close()
+    _print_summary(context, summary, out)
+    return result
+
+
+def _summary(result: TrainResult, final: dict[str, float], seconds: float) -> dict[str, Any]:
+    window = result.metrics
+    if final:
+        source = "held-out evaluation"
+        ev, l0, dead, mse = final["explained_variance"], final["l0"], final["dead_fraction"], final["mse"]
+        n_eval = final["n_tokens"]
+    else:
+        source = "last training window"
+        ev = window.get("metrics/explained_variance", float("nan"))
+        l0 = window.get("metrics/l0", float("nan"))
+        dead = window.get("metrics/dead_fraction", float("nan"))
+        mse = window.get("metrics/mse", float("nan"))
+        n_eval = 0.0
+    return {"reason": result.reason, "message": result.message, "steps": result.steps,
+            "total_steps": result.total_steps, "tokens": result.tokens, "seconds": round(seconds, 2),
+            "tokens_per_second": result.tokens / max(seconds, 1e-9), "metrics_source": source,
+            "explained_variance": ev, "l0": l0, "dead_fraction": dead, "mse": mse, "eval_tokens": n_eval}
+
+
+def _print_summary(context: RunContext, s: dict[str, Any], out: pathlib.Path) -> None:
+    context.echo("")
+    context.echo(f"{s['message']} in {s['seconds']:.1f}s ({s['tokens_per_second']:,.0f} tokens/s)")
+    context.echo(f"final metrics ({s['metrics_source']}):")
+    context.echo(f"  explained variance  {s['explained_variance']:.4f}")
+    context.echo(f"  L0                  {s['l0']:.2f}")
+    context.echo(f"  dead fraction       {s['dead_fraction']:.2%}")
+    context.echo(f"  MSE (normalised)    {s['mse']:.4g}")
+    context.echo(f"saved dictionary to {out} (config.json + sae_weights.safetensors)")
+
+
+def example(registry: Any, architecture: str | None = None) -> TrainRunConfig:
+    """A small, complete training config on the synthetic source."""
+    from lmsae.sources.synthetic_source import SyntheticSourceConfig
+
+    names = registry.names("architecture")
+    arch = architecture or "sae"
+    if arch not in names:
+        raise LmsaeError(registry.unknown_message("architecture", arch))
+    dictionary = registry.architecture(arch).example_config()
+    hooks = dictionary.hook_points
+    d = registry.architecture(arch).model_class(dictionary).hook_dims()
+    if len(set(d.values())) != 1 or len(hooks) > 2:
+        raise LmsaeError(f"architecture {arch!r} needs a hand-written activations section (several hook widths)")
+    width = next(iter(d.values()))
+    source = SyntheticSourceConfig(d_model=width, n_features=4 * width, mean_active=4.0, hook_point=hooks[0],
+                                   hook_point_out=hooks[1] if len(hooks) > 1 else None)
+    return TrainRunConfig(dictionary=dictionary,
+                          activations=ActivationsConfig(sources=[source], batch_size=1024),
+                          trainer=StandardTrainerConfig(total_training_tokens=1_000_000),
+                          output_dir=pathlib.Path(f"runs/{arch}"))
+
+
+SPEC = TaskSpec(config_class=TrainRunConfig, factory=run, example=example, summary="train a sparse dictionary")

@@ -1,0 +1,116 @@
+"""Training metrics, accumulated over a logging window and reported under stable names.
+
+Definitions (all on normalised activations, masked tokens excluded):
+
+- ``metrics/explained_variance``: per batch, ``1 - sum_t ||x_hat_t - y_t||^2 / sum_t ||y_t - mean(y)||^2``
+  (the mean over the batch's tokens; sums over every output axis), averaged over the window's
+  batches.
+- ``metrics/l0``: active features per token (summed over layers/heads for multi-output dictionaries).
+- ``metrics/l2_norm_error``: mean ``||x_hat_t - y_t||``; ``metrics/l2_norm_error_ratio`` divides by
+  mean ``||y_t||``; ``metrics/l2_ratio``: mean ``||x_hat_t|| / ||y_t||`` (shrinkage, 1 is ideal).
+- ``metrics/mean_feature_act``: mean of the non-zero feature activations.
+- ``metrics/dead_fraction``: fraction of features that have not fired for ``dead_threshold``
+  tokens (or since the start, while fewer tokens than that have been seen).
+- ``sparsity/above_1e-1`` ...: number of features whose firing frequency over the window is above /
+  below the value; ``sparsity/k`` the current k of a TopK activation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import Tensor
+
+from lmsae.nn.axes import flatten_tokens
+
+FREQUENCY_ABOVE = (1e-1, 1e-2)
+FREQUENCY_BELOW = (1e-5, 1e-6, 1e-7)
+
+
+def _flat(t: Tensor, axes: Sequence[str], mask: Tensor | None) -> Tensor:
+    """(n_tokens, everything else flattened)."""
+    f = flatten_tokens(t, axes, mask)
+    return f.reshape(f.shape[0], -1)
+
+
+@torch.no_grad()
+def batch_statistics(feature_acts: Tensor, feature_axes: Sequence[str], reconstruction: Tensor,
+                     label: Tensor, output_axes: Sequence[str], mask: Tensor | None) -> dict[str, Tensor]:
+    """Sums over one batch that :class:`MetricWindow` accumulates (all float64 on the acts' device)."""
+    acts = flatten_tokens(feature_acts.detach(), feature_axes, mask)  # (n, *feature_dims)
+    y = _flat(label.detach(), output_axes, mask).double()
+    x_hat = _flat(reconstruction.detach(), output_axes, mask).double()
+    n = y.shape[0]
+    err = (x_hat - y).pow(2).sum(-1)
+    var = (y - y.mean(0, keepdim=True)).pow(2).sum(-1)
+    active = acts > 0
+    y_norm = y.norm(dim=-1)
+    return {
+        "n_tokens": torch.tensor(float(n), dtype=torch.float64, device=y.device),
+        "sq_err": err.sum(),
+        "explained_variance": (1 - err.sum() / var.sum().clamp_min(1e-30)) if n > 1 else torch.zeros((), dtype=torch.float64, device=y.device),
+        "l0": active.reshape(n, -1).sum(-1).double().sum(),
+        "l2_error": err.sqrt().sum(),
+        "label_norm": y_norm.sum(),
+        "l2_ratio": (x_hat.norm(dim=-1) / y_norm.clamp_min(1e-30)).sum(),
+        "act_sum": acts.double().sum(),
+        "act_count": active.sum().double(),
+        "feature_count": active.sum(0).double(),  # (*feature_dims,)
+    }
+
+
+class MetricWindow:
+    """Accumulates batch statistics and scalar values between two logging steps."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.n_batches = 0
+        self.sums: dict[str, Tensor] = {}
+        self.scalars: dict[str, float] = {}
+        self.maxima: dict[str, float] = {}
+
+    def add_batch(self, stats: Mapping[str, Tensor], losses: Mapping[str, float]) -> None:
+        self.n_batches += 1
+        for k, v in stats.items():
+            self.sums[k] = self.sums[k] + v if k in self.sums else v.clone()
+        for k, v in losses.items():
+            self.scalars[k] = self.scalars.get(k, 0.0) + float(v)
+
+    def add_max(self, name: str, value: float) -> None:
+        self.maxima[name] = max(self.maxima.get(name, float("-inf")), float(value))
+
+    def compute(self) -> dict[str, float]:
+        """Window averages under their stable names (empty when nothing was added)."""
+        if self.n_batches == 0:
+            return {}
+        s = {k: v for k, v in self.sums.items()}
+        nb = self.n_batches
+        n = float(s["n_tokens"])
+        out: dict[str, float] = {f"losses/{k}": v / nb for k, v in self.scalars.items()}
+        out["metrics/explained_variance"] = float(s["explained_variance"]) / nb
+        out["metrics/l0"] = float(s["l0"]) / max(n, 1.0)
+        out["metrics/mse"] = float(s["sq_err"]) / max(n, 1.0)
+        out["metrics/l2_norm_error"] = float(s["l2_error"]) / max(n, 1.0)
+        out["metrics/l2_norm_error_ratio"] = float(s["l2_error"]) / max(float(s["label_norm"]), 1e-30)
+        out["metrics/l2_ratio"] = float(s["l2_ratio"]) / max(n, 1.0)
+        out["metrics/mean_feature_act"] = float(s["act_sum"]) / max(float(s["act_count"]), 1.0)
+        freq = s["feature_count"] / max(n, 1.0)
+        for v in FREQUENCY_ABOVE:
+            out[f"sparsity/above_{v:.0e}".replace("e-0", "e-")] = float((freq > v).sum())
+        for v in FREQUENCY_BELOW:
+            out[f"sparsity/below_{v:.0e}".replace("e-0", "e-")] = float((freq < v).sum())
+        out.update(self.maxima)
+        return out
+
+    def state_dict(self) -> dict:
+        return {"n_batches": self.n_batches, "sums": dict(self.sums), "scalars": dict(self.scalars),
+                "maxima": dict(self.maxima)}
+
+    def load_state_dict(self, state: Mapping) -> None:
+        self.n_batches = int(state["n_batches"])
+        self.sums = {k: v.clone() for k, v in state["sums"].items()}
+        self.scalars = {k: float(v) for k, v in state["scalars"].items()}
+        self.maxima = {k: float(v) for k, v in state["maxima"].items()}
