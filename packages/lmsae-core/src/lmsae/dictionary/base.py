@@ -218,6 +218,14 @@ class SparseDictionary(nn.Module):
         """Width (last dimension) of each hook point's activations."""
         raise NotImplementedError
 
+    def check_batch(self, batch: Batch) -> None:
+        """Raise :class:`DataError` naming the hook point when ``batch`` lacks one or has the wrong width."""
+        for hook, d in self.hook_dims().items():
+            x = _get(batch, hook)
+            if x.shape[-1] != d:
+                raise DataError(f"hook point {hook!r} has width {x.shape[-1]} but the dictionary expects {d} "
+                                f"(check the dictionary's width settings, e.g. d_model)")
+
     # --- examples for tests -------------------------------------------------------------------
 
     def example_batch(self, n: int, generator: torch.Generator | None = None,
@@ -242,4 +250,5 @@ def _get(batch: Batch, hook: str) -> Tensor:
         return batch[hook]
     except KeyError:
         keys = sorted(k for k in batch if k not in ("mask", "tokens", "meta"))
-        raise DataError(f"the batch has no activations for hook point {hook!r}; it has: {keys}") from None
+        raise DataError(f"the activation stream has no hook point {hook!r} (the dictionary needs it); "
+                        f"it provides: {keys}") from None

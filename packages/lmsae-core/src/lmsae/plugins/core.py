@@ -43,3 +43,10 @@ def lmsae_register_tasks():
     from lmsae.tasks import train as train_task
 
     return [init_task.SPEC, train_task.SPEC]
+
+
+@hookimpl
+def lmsae_register_commands(cli):
+    from lmsae.interop.commands import register
+
+    register(cli)

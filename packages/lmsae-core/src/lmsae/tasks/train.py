@@ -9,7 +9,6 @@ the weights and save ``config.json`` + ``sae_weights.safetensors`` to ``output_d
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import pathlib
 import shutil
@@ -116,6 +115,7 @@ def run(cfg: TrainRunConfig, context: RunContext) -> TrainResult:
         calibration = take(make_stream(), n_calib if need_norms else 1)
         if not calibration:
             raise LmsaeError("the activation stream is empty")
+        model.check_batch(calibration[0])
         if need_norms:
             norms, n_tokens = estimate_dataset_norms(calibration, hooks)
             model.config = attrs.evolve(model.config, dataset_norms=norms)

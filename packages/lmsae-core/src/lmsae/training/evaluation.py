@@ -32,9 +32,11 @@ def evaluate_reconstruction(model: SparseDictionary, stream: Iterable[dict[str, 
     sq_err = y_sq = l0 = ratio = act_sum = act_count = 0.0
     y_sum: torch.Tensor | None = None
     fired: torch.Tensor | None = None
+    dtype = next(model.parameters()).dtype
     try:
         for batch in stream:
-            batch = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+            batch = {k: (v.to(device, dtype=dtype if v.is_floating_point() else None) if isinstance(v, torch.Tensor)
+                         else v) for k, v in batch.items()}
             nb = model.normalize(batch)
             x, extras = model.prepare_input(nb)
             label = model.prepare_label(nb)

@@ -158,11 +158,13 @@ def _squared_norm(params: list[torch.Tensor]) -> torch.Tensor:
         # Still return a tensor on the parameters' device: with a distributed ``reduce_fn`` this
         # rank must take part in the collective even if it holds no gradient.
         device = params[0].device if params else torch.device("cpu")
-    total = torch.zeros((), dtype=torch.float32, device=device)
+    # accumulate in at least fp32 (fp64 gradients keep fp64)
+    acc = torch.float64 if any(g.dtype == torch.float64 for g in grads) else torch.float32
+    total = torch.zeros((), dtype=acc, device=device)
     for g in grads:
-        # vector_norm with dtype=float32 accumulates in fp32 without materialising an fp32 copy
-        # of a bf16/fp16 gradient.
-        norm = torch.linalg.vector_norm(g.detach(), 2, dtype=torch.float32)
+        # vector_norm with an explicit dtype accumulates in fp32 without materialising an fp32
+        # copy of a bf16/fp16 gradient.
+        norm = torch.linalg.vector_norm(g.detach(), 2, dtype=acc if g.dtype != torch.float64 else torch.float64)
         total = total + norm.to(device).square()
     return total
 

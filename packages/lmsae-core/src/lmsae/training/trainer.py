@@ -21,6 +21,7 @@ import math
 import os
 import pathlib
 import shutil
+import sys
 import tempfile
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, ClassVar, Literal
@@ -173,8 +174,15 @@ def checkpoint_steps(total_steps: int, n: int, schedule: str) -> list[int]:
     return sorted(s for s in steps if 0 < s < total_steps)
 
 
-def _to_device(batch: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
-    return {k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+def _to_device(batch: Mapping[str, Any], device: torch.device, dtype: torch.dtype | None = None) -> dict[str, Any]:
+    """Move tensors to ``device``; floating tensors are also cast to ``dtype`` (the model's)."""
+    out: dict[str, Any] = {}
+    for k, v in batch.items():
+        if isinstance(v, torch.Tensor):
+            v = v.to(device, dtype=dtype if (dtype is not None and v.is_floating_point()) else None,
+                     non_blocking=True)
+        out[k] = v
+    return out
 
 
 class Trainer:
@@ -333,8 +341,8 @@ class Trainer:
             stats = batch_statistics(ctx["acts"], ctx["feature_axes"], ctx["recon"], ctx["label"],
                                      ctx["output_axes"], ctx["mask"])
         n_tokens = int(ctx["mask"].sum()) if ctx["mask"] is not None else int(stats["n_tokens"])
-        self.window.add_batch(stats, {"overall_loss": float(ctx["loss"]),
-                                      **{k2: float(v) for k2, v in ctx["terms"].items()}})
+        self.window.add_batch(stats, {"overall_loss": float(ctx["loss"].detach()),
+                                      **{k2: float(v.detach()) for k2, v in ctx["terms"].items()}})
         self.window.add_max("details/gradient_norm_before_clipping", float(grad_norm))
         self.step += 1
         self.tokens += n_tokens
@@ -352,7 +360,7 @@ class Trainer:
             m["metrics/decoder_norm"] = float(self.model.decoder_norm().mean())
         activation = self._activation()
         if isinstance(activation, JumpReLU):
-            m["metrics/mean_jumprelu_threshold"] = float(activation.threshold.mean())
+            m["metrics/mean_jumprelu_threshold"] = float(activation.threshold.detach().mean())
         if ctx.get("k") is not None:
             m["sparsity/k"] = float(ctx["k"])
         m["details/current_learning_rate"] = float(ctx["lr"])
@@ -378,8 +386,9 @@ class Trainer:
         first = next(it, None)
         if first is None:
             raise DataError("the activation stream is empty")
-        first = _to_device(first, self.device)
-        self._check_batch(first)
+        dtype = next(self.model.parameters()).dtype
+        first = _to_device(first, self.device, dtype)
+        self.model.check_batch(first)
         if not resumed:
             mask = first.get("mask")
             per_batch = int(mask.numel()) if mask is not None else int(next(
@@ -388,8 +397,10 @@ class Trainer:
             torch.manual_seed(self.config.seed)
         if self.hooks is not None:
             self.hooks.lmsae_before_training(trainer=self, dictionary=self.model)
+        interactive = sys.stderr.isatty()
         bar = tqdm(total=self.total_steps, initial=self.step, desc="training", unit="step",
-                   disable=not self.progress, dynamic_ncols=True, leave=True)
+                   disable=not self.progress, dynamic_ncols=True, leave=True,
+                   mininterval=0.1 if interactive else 10.0)
         reason: str = "completed"
         batch: Mapping[str, Any] | None = first
         try:
@@ -399,7 +410,7 @@ class Trainer:
                     if nxt is None:
                         reason = "stream_exhausted"
                         break
-                    batch = _to_device(nxt, self.device)
+                    batch = _to_device(nxt, self.device, dtype)
                 ctx = self.train_step(batch)
                 batch = None
                 bar.update(1)
@@ -436,17 +447,6 @@ class Trainer:
         if self.hooks is not None:
             self.hooks.lmsae_after_training(trainer=self, dictionary=self.model, result=result)
         return result
-
-    def _check_batch(self, batch: Mapping[str, Any]) -> None:
-        dims = self.model.hook_dims()
-        for hook, d in dims.items():
-            if hook not in batch:
-                have = sorted(k for k in batch if k not in ("mask", "tokens", "meta"))
-                raise DataError(f"the activation stream has no hook point {hook!r} (the dictionary needs it); "
-                                f"it provides {have}")
-            if batch[hook].shape[-1] != d:
-                raise DataError(f"hook point {hook!r} has width {batch[hook].shape[-1]} but the dictionary "
-                                f"expects {d} (check dictionary.d_model)")
 
     # --- state / checkpoints ----------------------------------------------------------------
 

@@ -1,0 +1,52 @@
+"""Every example config is valid, and the synthetic ones run end to end (shortened)."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+EXAMPLES = sorted((ROOT / "examples").glob("*.toml"))
+LMSAE = [sys.executable, "-m", "lmsae.cli"]
+
+
+def lmsae(*args: str, cwd=None) -> subprocess.CompletedProcess:
+    return subprocess.run([*LMSAE, *args], capture_output=True, text=True, timeout=900, cwd=cwd)
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
+def test_example_config_is_valid(path):
+    res = lmsae("config", "check", str(path))
+    assert res.returncode == 0, res.stderr
+
+
+SYNTHETIC = [p for p in EXAMPLES if 'type = "synthetic"' in p.read_text()]
+
+
+@pytest.mark.parametrize("path", SYNTHETIC, ids=lambda p: p.name)
+def test_synthetic_example_trains(path, tmp_path):
+    res = lmsae("run", str(path), "--set", f'output_dir="{tmp_path}"', "--set", "trainer.total_training_tokens=40000",
+                "--set", "trainer.eval_every=0")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "explained variance" in res.stdout and "L0" in res.stdout and "dead fraction" in res.stdout
+    summary = json.loads((tmp_path / "training_summary.json").read_text())
+    assert summary["reason"] == "completed"
+    assert (tmp_path / "config.json").exists() and (tmp_path / "sae_weights.safetensors").exists()
+
+
+def test_saelens_commands_round_trip(tmp_path):
+    run = lmsae("run", str(ROOT / "examples" / "synthetic_topk.toml"), "--set", f'output_dir="{tmp_path / "d"}"',
+                "--set", "trainer.total_training_tokens=20000", "--set", "trainer.eval_every=0")
+    assert run.returncode == 0, run.stderr[-2000:]
+    exp = lmsae("saelens", "export", str(tmp_path / "d"), str(tmp_path / "sl"))
+    assert exp.returncode == 0, exp.stderr
+    cfg = json.loads((tmp_path / "sl" / "cfg.json").read_text())
+    assert cfg["architecture"] == "topk" and cfg["d_sae"] == 256 and cfg["k"] == 8
+    imp = lmsae("saelens", "import", str(tmp_path / "sl"), str(tmp_path / "back"))
+    assert imp.returncode == 0, imp.stderr
+    bad = lmsae("saelens", "import", str(tmp_path / "d"), str(tmp_path / "x"))
+    assert bad.returncode == 2 and "cfg.json" in bad.stderr and "Traceback" not in bad.stderr
