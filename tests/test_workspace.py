@@ -107,3 +107,10 @@ def test_plugin_tests_pass_with_only_core_and_itself_enabled(package):
     res = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:randomly", str(package / "tests")],
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-2000:]
+
+
+def test_no_unused_imports_or_undefined_names():
+    # pyflakes-level errors only (unused imports, undefined names, syntax): cheap and never noise
+    res = subprocess.run([sys.executable, "-m", "ruff", "check", "--select", "F,E9", "--no-cache", "packages", "tests"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout[-4000:]

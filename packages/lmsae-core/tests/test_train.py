@@ -294,3 +294,27 @@ def test_thirdparty_architecture_trains(tmp_path):
     from lmsae.dictionary import load_dictionary
 
     assert type(load_dictionary(tmp_path, reg)).__name__ == "TiedSAE"
+
+
+def test_continue_training_from_a_pretrained_dictionary(registry, tmp_path):
+    run_train(registry, train_config(tmp_path / "first", tokens=16 * 64, batch=64))
+    data = train_config(tmp_path / "second", tokens=16 * 64, batch=64)
+    del data["dictionary"]
+    data["pretrained"] = {"path": str(tmp_path / "first")}
+    out = io.StringIO()
+    assert run_train(registry, data, out).reason == "completed"
+    assert "continuing from the pretrained dictionary" in out.getvalue()
+    first = load_file(str(tmp_path / "first" / "sae_weights.safetensors"))
+    second = load_file(str(tmp_path / "second" / "sae_weights.safetensors"))
+    assert not torch.equal(first["W_E"], second["W_E"])  # it trained further, from the saved weights
+    # the saved (folded) dictionary takes raw activations: no new calibration was needed
+    assert "dataset norms estimated" not in out.getvalue()
+
+
+def test_dictionary_and_pretrained_are_exclusive(registry, tmp_path):
+    from lmsae.errors import ConfigError
+
+    data = train_config(tmp_path, tokens=16 * 64, batch=64)
+    data["pretrained"] = {"path": str(tmp_path)}
+    with pytest.raises(ConfigError, match=r"\$\.dictionary: set exactly one of"):
+        registry.structure(data, RunConfig)

@@ -27,7 +27,7 @@ from torch import Tensor
 
 from lmsae.activations.protocol import RESERVED_KEYS, ActivationStream, Batch, Layout, SourceContext
 from lmsae.config.base import Config, SourceConfig
-from lmsae.config.fields import FieldValueError, config_class, non_empty, non_negative, option, positive
+from lmsae.config.fields import config_class, non_empty, non_negative, one_of, option, positive
 from lmsae.errors import CheckpointError, DataError, PluginError
 
 __all__ = ["ActivationFactory", "ActivationsConfig", "build_activation_stream"]
@@ -49,17 +49,6 @@ _STREAM_MIX = 0
 _STREAM_SHUFFLE = 1
 
 
-def _one_of(*choices: Any):
-    """Value must be one of ``choices`` (the converter checks Literal types when loading a file;
-    this also catches configs built directly in Python)."""
-
-    def validate(_instance: Any, attribute: attrs.Attribute, value: Any) -> None:
-        if value not in choices:
-            raise FieldValueError(attribute.name, f"must be one of {', '.join(map(repr, choices))}, got {value!r}")
-
-    return validate
-
-
 @config_class
 class ActivationsConfig(Config):
     """Where training activations come from and how they are batched (``[activations]``)."""
@@ -74,7 +63,7 @@ class ActivationsConfig(Config):
     layout: Literal["tokens", "sequences"] = option(
         "tokens", doc="'tokens': batches of single tokens (batch, d); 'sequences': whole sequences "
                       "(batch, context, d).",
-        validator=_one_of(*_LAYOUTS))
+        validator=one_of(*_LAYOUTS))
     shuffle_buffer: int = option(
         0, doc="Rows held in a shuffle buffer (0 = no shuffling). The buffer is filled to this size and "
                "shuffled, batches are taken while it holds more than half of it, then it is refilled.",
@@ -82,10 +71,10 @@ class ActivationsConfig(Config):
     remainder: Literal["drop", "keep"] = option(
         "drop", doc="What to do with the last incomplete batch at the end of a finite stream: 'drop' it "
                     "(every batch has exactly batch_size rows; best for BatchTopK) or 'keep' it.",
-        validator=_one_of("drop", "keep"))
+        validator=one_of("drop", "keep"))
     dtype: DTypeName | None = option(
         None, doc="Cast activation tensors to this dtype (unset keeps the sources' dtype).",
-        validator=_one_of(None, *_DTYPES))
+        validator=one_of(None, *_DTYPES))
     seed: int = option(0, doc="Seed of source mixing and of shuffling.", validator=non_negative())
     drop_masked_tokens: bool = option(
         True, doc="In the 'tokens' layout, remove tokens whose mask is False (padding, BOS...) before "

@@ -13,7 +13,7 @@ from typing import ClassVar, Literal
 
 import attrs
 
-from lmsae.config.fields import config_class, option
+from lmsae.config.fields import config_class, option, positive
 
 Normalization = Literal["none", "token", "batch", "dataset"]
 
@@ -75,6 +75,10 @@ class DictionaryConfig(Config):
 @config_class
 class SourceConfig(Config):
     """Base of activation-source configs (tag key ``type``)."""
+
+    weight: float = option(
+        1.0, doc="Relative sampling weight when several sources are mixed (renormalised over the sources "
+                 "that still have data).", validator=positive())
 
 
 @config_class

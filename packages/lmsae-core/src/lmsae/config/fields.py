@@ -107,6 +107,17 @@ def steps_or_fraction() -> Callable[[Any, attrs.Attribute, Any], None]:
     return _check(ok, "must be an int >= 0 (steps) or a float in [0, 1] (fraction of total steps)")
 
 
+def one_of(*choices: Any) -> Callable[[Any, attrs.Attribute, Any], None]:
+    """Value must be one of ``choices``. The loader already checks ``Literal`` types; this also
+    catches configs built directly in Python."""
+
+    def validate(_instance: Any, attribute: attrs.Attribute, value: Any) -> None:
+        if value not in choices:
+            raise FieldValueError(attribute.name, f"must be one of {', '.join(map(repr, choices))}, got {value!r}")
+
+    return validate
+
+
 def non_empty() -> Callable[[Any, attrs.Attribute, Any], None]:
     """A string, list or mapping must not be empty."""
     return _check(lambda v: len(v) > 0, "must not be empty")

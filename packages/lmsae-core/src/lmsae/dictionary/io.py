@@ -13,7 +13,7 @@ import os
 import pathlib
 import shutil
 import tempfile
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from safetensors import SafetensorError
@@ -21,6 +21,7 @@ from safetensors.torch import load_file, save_file
 
 from lmsae import __version__
 from lmsae.config.base import DictionaryConfig
+from lmsae.config.fields import config_class, option
 from lmsae.errors import CheckpointError, ConfigError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -138,3 +139,22 @@ def load_dictionary(directory: str | os.PathLike, registry: Registry, *, device:
     if fold_normalization:
         model.fold_normalization()
     return model
+
+
+@config_class
+class PretrainedConfig:
+    """A saved dictionary to start from (``[pretrained]`` table): continue training, evaluate, analyse."""
+
+    path: pathlib.Path = option(doc="Directory holding config.json and sae_weights.safetensors.")
+    fold_normalization: bool = option(False, doc="Fold dataset-wise normalisation into the weights after loading.")
+    strict: bool = option(True, doc="Every tensor of the model must be in the file and vice versa.")
+    dtype: Literal["float32", "float64", "bfloat16", "float16"] | None = option(
+        None, doc="Cast the parameters to this dtype (None: as stored).")
+
+    def load(self, registry: Registry, device: str | torch.device = "cpu") -> SparseDictionary:
+        """Load the dictionary this config points at."""
+        if not self.path.is_dir():
+            raise CheckpointError(f"pretrained.path {self.path} is not a directory")
+        dtype = getattr(torch, self.dtype) if self.dtype else None
+        return load_dictionary(self.path, registry, device=device, dtype=dtype, strict=self.strict,
+                               fold_normalization=self.fold_normalization)

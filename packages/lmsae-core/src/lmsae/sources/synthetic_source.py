@@ -21,7 +21,7 @@ from torch import Tensor
 
 from lmsae.activations.protocol import RESERVED_KEYS, Batch, SourceContext
 from lmsae.config.base import SourceConfig
-from lmsae.config.fields import FieldValueError, config_class, non_empty, non_negative, option, positive
+from lmsae.config.fields import FieldValueError, config_class, non_empty, non_negative, one_of, option, positive
 from lmsae.errors import CheckpointError, ConfigError, DataError
 from lmsae.sources.synthetic import SyntheticActivations
 
@@ -35,25 +35,12 @@ def _not_reserved(_instance: Any, attribute: attrs.Attribute, value: str | None)
         )
 
 
-def _one_of(*choices: str):
-    """Value must be one of ``choices`` (the converter already checks Literal types when loading
-    a file; this also catches configs built directly in Python)."""
-
-    def validate(_instance: Any, attribute: attrs.Attribute, value: Any) -> None:
-        if value not in choices:
-            raise FieldValueError(attribute.name, f"must be one of {', '.join(map(repr, choices))}, got {value!r}")
-
-    return validate
-
-
 @config_class
 class SyntheticSourceConfig(SourceConfig):
     """Seeded synthetic activations with a known sparse ground truth (no model, no data)."""
 
     name: ClassVar[str] = "synthetic"
 
-    weight: float = option(
-        1.0, doc="Relative sampling weight when several sources are mixed", validator=positive())
     d_model: int = option(doc="Width of the input activations (hook_point).", validator=positive())
     n_features: int = option(doc="Number of ground-truth features.", validator=positive())
     mean_active: float = option(
@@ -77,12 +64,12 @@ class SyntheticSourceConfig(SourceConfig):
         validator=positive())
     magnitude: Literal["lognormal", "exponential", "constant"] = option(
         "lognormal", doc="Distribution of active feature magnitudes (all positive, mean magnitude_scale).",
-        validator=_one_of("lognormal", "exponential", "constant"))
+        validator=one_of("lognormal", "exponential", "constant"))
     magnitude_scale: float = option(1.0, doc="Mean magnitude of an active feature.", validator=positive())
     firing_distribution: Literal["zipf", "uniform"] = option(
         "zipf", doc="How firing probabilities vary over features: 'zipf' (power law over shuffled "
                     "ranks) or 'uniform' (all equal).",
-        validator=_one_of("zipf", "uniform"))
+        validator=one_of("zipf", "uniform"))
     zipf_exponent: float = option(
         1.0, doc="Power-law exponent of the 'zipf' firing distribution (0 is uniform).",
         validator=non_negative())

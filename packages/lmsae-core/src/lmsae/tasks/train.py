@@ -21,7 +21,8 @@ import torch
 from lmsae.activations.factory import ActivationsConfig
 from lmsae.config import DictionaryConfig, LoggerConfig, RunConfig, TrainerConfig, config_class, option
 from lmsae.dictionary.base import SparseDictionary
-from lmsae.dictionary.io import load_dictionary, save_dictionary
+from lmsae.config.fields import FieldValueError
+from lmsae.dictionary.io import PretrainedConfig, load_dictionary, save_dictionary
 from lmsae.errors import LmsaeError
 from lmsae.logging.loggers import ConsoleLoggerConfig, JsonlLoggerConfig, LoggerContext, MultiLogger
 from lmsae.records import TaskSpec
@@ -45,7 +46,11 @@ class TrainRunConfig(RunConfig):
 
     name: ClassVar[str] = "train"
 
-    dictionary: DictionaryConfig = option(doc="The dictionary to train ([dictionary] table with its architecture).")
+    dictionary: DictionaryConfig | None = option(
+        None, doc="The dictionary to train ([dictionary] table with its architecture). Exactly one of "
+                  "dictionary and pretrained must be set.")
+    pretrained: PretrainedConfig | None = option(
+        None, doc="Continue training a saved dictionary instead ([pretrained] table); initialisation is skipped.")
     activations: ActivationsConfig = option(doc="Where training activations come from ([activations] table).")
     trainer: TrainerConfig = option(doc="Optimisation settings ([trainer] table; type defaults to 'standard').")
     initializer: InitializerConfig = option(factory=InitializerConfig, doc="Initialisation ([initializer] table).")
@@ -62,6 +67,19 @@ class TrainRunConfig(RunConfig):
     dtype: Literal["float32", "float64"] = option("float32", doc="Parameter dtype.")
     fold_normalization: bool = option(True, doc="Fold dataset-wise normalisation into the saved weights, so the "
                                                 "saved dictionary takes raw activations.")
+
+    def __attrs_post_init__(self) -> None:
+        if (self.dictionary is None) == (self.pretrained is None):
+            raise FieldValueError("dictionary", "set exactly one of [dictionary] (a new dictionary) and "
+                                                "[pretrained] (continue a saved one)")
+
+    def dictionary_config(self, registry: Any) -> DictionaryConfig:
+        """The architecture config: the [dictionary] table, or the one stored with the pretrained dictionary."""
+        if self.dictionary is not None:
+            return self.dictionary
+        from lmsae.dictionary.io import read_dictionary_config
+
+        return read_dictionary_config(self.pretrained.path, registry)
 
 
 def _check_output_dir(cfg: TrainRunConfig) -> pathlib.Path | None:
@@ -96,7 +114,8 @@ def run(cfg: TrainRunConfig, context: RunContext) -> TrainResult:
         trainer_spec = registry.get("trainer", cfg.trainer.name)
     else:
         trainer_spec = registry.get("trainer", "standard")
-    hooks = tuple(cfg.dictionary.hook_points)
+    dict_config = cfg.dictionary_config(registry)
+    hooks = tuple(dict_config.hook_points)
     make_stream = stream_builder(registry, cfg.activations, hooks, progress=context.progress)
     make_eval = (stream_builder(registry, cfg.eval_activations, hooks, progress=False)
                  if cfg.eval_activations is not None else None)
@@ -108,9 +127,13 @@ def run(cfg: TrainRunConfig, context: RunContext) -> TrainResult:
         trainer_state, stream_state = read_checkpoint(checkpoint)
         context.echo(f"resuming from {checkpoint} (step {trainer_state['step']})")
     else:
-        model = build_model(context, cfg.dictionary, dtype)
+        if cfg.pretrained is not None:
+            model = cfg.pretrained.load(registry).to(dtype=dtype)
+            context.echo(f"continuing from the pretrained dictionary {cfg.pretrained.path}")
+        else:
+            model = build_model(context, dict_config, dtype)
         trainer_state = stream_state = None
-        need_norms = cfg.dictionary.normalization == "dataset" and not cfg.dictionary.dataset_norms
+        need_norms = model.config.normalization == "dataset" and not model.config.dataset_norms
         n_calib = cfg.trainer.calibration_batches if isinstance(cfg.trainer, StandardTrainerConfig) else 8
         calibration = take(make_stream(), n_calib if need_norms else 1)
         if not calibration:
@@ -122,11 +145,12 @@ def run(cfg: TrainRunConfig, context: RunContext) -> TrainResult:
             shown = ", ".join(f"{h}: {v:.4g}" for h, v in norms.items())
             context.echo(f"dataset norms estimated from {len(calibration)} batches ({n_tokens:,} tokens, a separate "
                          f"pass over the start of the stream; training still sees them): {shown}")
-        report = initialize(model, cfg.initializer, {k: (v.to(dtype) if isinstance(v, torch.Tensor) and
-                                                         v.is_floating_point() else v)
-                                                     for k, v in calibration[0].items()})
-        if report:
-            log.info("initialisation: %s", report)
+        if cfg.pretrained is None:
+            report = initialize(model, cfg.initializer, {k: (v.to(dtype) if isinstance(v, torch.Tensor) and
+                                                             v.is_floating_point() else v)
+                                                         for k, v in calibration[0].items()})
+            if report:
+                log.info("initialisation: %s", report)
 
     run_name = cfg.run_name or out.resolve().name
     plain = registry.unstructure(cfg)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import pathlib
 import tomllib
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import attrs
 import pytest
