@@ -365,7 +365,7 @@ def test_state_is_taken_after_the_batch_is_handed_out():
     it = iter(f)
     first = next(it)
     state = f.state_dict()
-    assert state["buffer"]["rows"] == 2 and state["sources"] == [{"position": 2}]
+    assert state["buffer"]["rows"] + state["pending"]["rows"] == 2 and state["sources"] == [{"position": 2}]
     fresh = factory([TaggedStream(0, n_chunks=10, rows=3)], [1.0])
     fresh.load_state_dict(state)
     assert ids([first]) == [0, 1, 2, 1000]
@@ -459,3 +459,75 @@ def test_build_activation_stream_passes_weights_layout_and_context():
     assert [ctx.layout for ctx in seen] == ["sequences", "sequences"]
     assert stream.sources[0].ground_truth.seed == 9 and stream.sources[1].ground_truth.seed == 4
     assert next(iter(stream))["synthetic.hook_in"].shape == (4, 2, D)
+
+
+class _ChunkedRows:
+    """The same 60 rows (ids 0..59) cut into chunks of a given size; resumable."""
+
+    def __init__(self, chunk: int):
+        self.chunk, self.position = chunk, 0
+
+    def __iter__(self):
+        while self.position * self.chunk < 60:
+            start = self.position * self.chunk
+            ids = torch.arange(start, min(start + self.chunk, 60))
+            self.position += 1
+            yield {"h": ids.double()[:, None].repeat(1, 2), "mask": torch.ones(len(ids), dtype=torch.bool)}
+
+    def state_dict(self):
+        return {"position": self.position}
+
+    def load_state_dict(self, state):
+        self.position = state["position"]
+
+
+@pytest.mark.parametrize("shuffle_buffer", [0, 16, 25])
+def test_batches_do_not_depend_on_how_a_source_cuts_its_chunks(shuffle_buffer):
+    # a cached stream (big chunks) and a live one (small chunks) must give the same batches
+    streams = []
+    for chunk in (1, 7, 60):
+        cfg = ActivationsConfig(sources=[SyntheticSourceConfig(d_model=2, n_features=4, mean_active=1.0)],
+                                batch_size=8, shuffle_buffer=shuffle_buffer, seed=3)
+        streams.append([b["h"][:, 0].tolist() for b in ActivationFactory(cfg, [_ChunkedRows(chunk)], [1.0])])
+    assert streams[0] == streams[1] == streams[2]
+    rows = sum(streams[0], [])
+    assert len(rows) == 56 and len(set(rows)) == 56 and set(rows) <= {float(i) for i in range(60)}
+
+
+def test_prefetching_gives_the_same_batches_and_exact_state(tmp_path):
+    from lmsae.activations.prefetch import PrefetchingStream
+
+    def make():
+        cfg = ActivationsConfig(sources=[SyntheticSourceConfig(d_model=2, n_features=4, mean_active=1.0)],
+                                batch_size=8, shuffle_buffer=16, seed=3)
+        return ActivationFactory(cfg, [_ChunkedRows(7)], [1.0])
+
+    reference = [b["h"] for b in make()]
+    pf = PrefetchingStream(make(), depth=3)
+    it = iter(pf)
+    head = [next(it)["h"] for _ in range(3)]
+    state = save_and_load(pf.state_dict(), tmp_path / "s")  # taken while the thread has read ahead
+    fresh = PrefetchingStream(make(), depth=1)
+    fresh.load_state_dict(state)
+    rest = [b["h"] for b in fresh]
+    assert all(torch.equal(a, b) for a, b in zip(head + rest, reference, strict=True))
+
+
+def test_prefetching_surfaces_errors_in_the_consumer():
+    from lmsae.activations.prefetch import PrefetchingStream
+
+    class Broken:
+        def __iter__(self):
+            yield {"h": torch.zeros(2, 2)}
+            raise DataError("chunk 1 is corrupt")
+
+        def state_dict(self):
+            return {}
+
+        def load_state_dict(self, state):
+            pass
+
+    it = iter(PrefetchingStream(Broken(), depth=2))
+    next(it)
+    with pytest.raises(DataError, match="chunk 1 is corrupt"):
+        next(it)

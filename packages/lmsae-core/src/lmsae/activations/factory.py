@@ -42,7 +42,7 @@ _DTYPES: dict[str, torch.dtype] = {
 _LAYOUTS = ("tokens", "sequences")
 
 _STATE_FORMAT = "lmsae.activation_factory"
-_STATE_VERSION = 1
+_STATE_VERSION = 2
 
 # Independent random streams derived from the one config seed (see _generator).
 _STREAM_MIX = 0
@@ -68,6 +68,9 @@ class ActivationsConfig(Config):
         0, doc="Rows held in a shuffle buffer (0 = no shuffling). The buffer is filled to this size and "
                "shuffled, batches are taken while it holds more than half of it, then it is refilled.",
         validator=non_negative())
+    prefetch: int = option(
+        2, doc="Batches prepared ahead by a background thread, so that producing activations (a language-model "
+               "forward pass, reading a cache) overlaps with training (0 = no thread).", validator=non_negative())
     remainder: Literal["drop", "keep"] = option(
         "drop", doc="What to do with the last incomplete batch at the end of a finite stream: 'drop' it "
                     "(every batch has exactly batch_size rows; best for BatchTopK) or 'keep' it.",
@@ -208,9 +211,15 @@ class ActivationFactory:
         self._exhausted = [False] * len(sources)
         self._mix_generator = _generator(config.seed, _STREAM_MIX)
         self._shuffle_generator = _generator(config.seed, _STREAM_SHUFFLE)
-        # Pending row blocks, concatenated lazily (cat on every chunk would be quadratic).
+        # Row blocks admitted to the (shuffle) buffer, concatenated lazily (cat on every chunk
+        # would be quadratic).
         self._buffer: list[_Rows] = []
         self._rows = 0
+        # Rows pulled from sources but not yet admitted, first in first out. Admitting exactly the
+        # rows needed (not whole chunks) makes the batches independent of how sources cut their
+        # chunks: a cached stream and a live one give the same batches for the same seed.
+        self._pending: list[_Rows] = []
+        self._pending_rows = 0
         self._signature: _Signature | None = None
 
     # ------------------------------------------------------------------ iteration
@@ -239,14 +248,18 @@ class ActivationFactory:
         size, capacity = self.batch_size, self.config.shuffle_buffer
         # Refill when a batch cannot be cut, or when the shuffle buffer is at most half full.
         if self._rows < size or 2 * self._rows <= capacity:
-            pulled = False
-            while self._rows < max(size, capacity):
-                pulled_chunk = self._pull()
-                if pulled_chunk is None:
-                    break
-                self._append(*pulled_chunk)
-                pulled = True
-            if pulled and capacity > 0:
+            admitted = False
+            target = max(size, capacity)
+            while self._rows < target:
+                if self._pending_rows == 0:
+                    pulled_chunk = self._pull()
+                    if pulled_chunk is None:
+                        break
+                    self._append(*pulled_chunk)
+                    continue
+                self._admit(target - self._rows)
+                admitted = True
+            if admitted and capacity > 0:
                 self._shuffle()
         if self._rows >= size:
             return self._take(size)
@@ -254,6 +267,7 @@ class ActivationFactory:
         if self._rows > 0 and self.config.remainder == "keep":
             return self._take(self._rows)
         self._buffer, self._rows = [], 0
+        self._pending, self._pending_rows = [], 0
         return None
 
     def _pick(self) -> int | None:
@@ -382,8 +396,23 @@ class ActivationFactory:
     def _append(self, chunk: _Rows, source: int) -> None:
         self._check_signature(chunk, f"activation source {source}")
         if chunk.rows:
-            self._buffer.append(chunk)
-            self._rows += chunk.rows
+            self._pending.append(chunk)
+            self._pending_rows += chunk.rows
+
+    def _admit(self, n: int) -> None:
+        """Move up to ``n`` rows from the pending FIFO into the buffer."""
+        while n > 0 and self._pending:
+            head = self._pending[0]
+            if head.rows <= n:
+                self._pending.pop(0)
+                part = head
+            else:
+                part, rest = head.split(n)
+                self._pending[0] = rest
+            self._buffer.append(part)
+            self._rows += part.rows
+            self._pending_rows -= part.rows
+            n -= part.rows
 
     def _consolidate(self) -> _Rows | None:
         if not self._buffer:
@@ -423,6 +452,9 @@ class ActivationFactory:
         """
         rows = self._consolidate()
         tensors = {} if rows is None else dict(rows.tensors)
+        pending = _concat(self._pending) if self._pending else None
+        if pending is not None:
+            self._pending = [pending]
         return {
             "format": _STATE_FORMAT,
             "version": _STATE_VERSION,
@@ -435,6 +467,11 @@ class ActivationFactory:
                 "keys": list(tensors),
                 "tensors": tensors,
                 "meta": None if rows is None else rows.meta,
+            },
+            "pending": {
+                "rows": self._pending_rows,
+                "tensors": {} if pending is None else dict(pending.tensors),
+                "meta": None if pending is None else pending.meta,
             },
         }
 
@@ -460,6 +497,11 @@ class ActivationFactory:
             keys = list(buffer.get("keys") or buffer["tensors"])
             tensors = {k: buffer["tensors"][k] for k in keys}
             meta = buffer.get("meta")
+            # version 1 had no pending area (whole chunks went straight into the buffer)
+            pending = state.get("pending") or {"rows": 0, "tensors": {}, "meta": None}
+            n_pending = int(pending["rows"])
+            pending_tensors = dict(pending["tensors"])
+            pending_meta = pending.get("meta")
         except (KeyError, TypeError, ValueError) as exc:
             raise CheckpointError(f"{what}: missing or malformed entry ({exc!r})") from exc
         n = len(self.sources)
@@ -472,6 +514,9 @@ class ActivationFactory:
             raise CheckpointError(f"{what}: buffered tensors do not all hold {n_rows} rows")
         if meta is not None and (not isinstance(meta, list) or len(meta) != n_rows):
             raise CheckpointError(f"{what}: buffered meta does not hold {n_rows} entries")
+        if (any(not isinstance(t, Tensor) or t.ndim == 0 or t.shape[0] != n_pending for t in pending_tensors.values())
+                or (n_pending and not pending_tensors)):
+            raise CheckpointError(f"{what}: pending tensors do not all hold {n_pending} rows")
 
         for source, source_state in zip(self.sources, source_states, strict=True):
             source.load_state_dict(source_state)
@@ -492,6 +537,14 @@ class ActivationFactory:
             self._signature = _Signature.of(rows, "the restored buffer")
         else:
             self._buffer = []
+        self._pending_rows = n_pending
+        self._pending = []
+        if n_pending:
+            if self.device is not None:
+                pending_tensors = {k: v.to(self.device) for k, v in pending_tensors.items()}
+            self._pending = [_Rows(pending_tensors, pending_meta, n_pending)]
+            if self._signature is None:
+                self._signature = _Signature.of(self._pending[0], "the restored buffer")
 
 
 def build_activation_stream(
@@ -508,4 +561,9 @@ def build_activation_stream(
     context = attrs.evolve(context, layout=config.layout)
     sources = [build_source(source_config, context) for source_config in config.sources]
     weights = [float(getattr(source_config, "weight", 1.0)) for source_config in config.sources]
-    return ActivationFactory(config, sources, weights, layout=config.layout, device=context.device)
+    stream = ActivationFactory(config, sources, weights, layout=config.layout, device=context.device)
+    if config.prefetch > 0:
+        from lmsae.activations.prefetch import PrefetchingStream
+
+        return PrefetchingStream(stream, config.prefetch)  # type: ignore[return-value]
+    return stream

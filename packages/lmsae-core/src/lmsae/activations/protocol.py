@@ -60,3 +60,6 @@ class SourceContext:
     shard: tuple[int, int] = (0, 1)
     #: show progress bars
     progress: bool = True
+    #: loads the run's language model on first use (None when the run configures no [model]);
+    #: sources that turn text into activations call it, and every caller gets the same instance
+    language_model: Any = None

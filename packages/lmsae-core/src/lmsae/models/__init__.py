@@ -1,0 +1,1 @@
+"""Language-model backends (registered through ``lmsae_register_language_models``)."""
