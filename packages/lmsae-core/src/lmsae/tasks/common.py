@@ -10,7 +10,7 @@ import torch
 
 from lmsae.activations.factory import ActivationsConfig, build_activation_stream
 from lmsae.activations.protocol import SourceContext
-from lmsae.config.base import SourceConfig
+from lmsae.config.base import LanguageModelConfig, SourceConfig
 from lmsae.dictionary.base import SparseDictionary
 from lmsae.errors import DataError, LmsaeError
 from lmsae.registry import Registry
@@ -32,9 +32,28 @@ def resolve_device(spec: str) -> torch.device:
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def model_loader(registry: Registry, config: LanguageModelConfig | None):
+    """A zero-argument function that loads the run's language model on first call and then returns
+    the same instance (None when the run has no [model] table)."""
+    if config is None:
+        return None
+    loaded: list[Any] = []
+
+    def load() -> Any:
+        if not loaded:
+            spec = registry.get("language_model", config.name)
+            loaded.append(spec.factory(config))
+        return loaded[0]
+
+    return load
+
+
 def stream_builder(registry: Registry, activations: ActivationsConfig, hook_points: tuple[str, ...], *,
-                   seed_offset: int = 0, progress: bool = True):
-    """A function that builds a fresh activation stream from the config (every call starts over)."""
+                   seed_offset: int = 0, progress: bool = True, language_model: Any = None,
+                   shard: tuple[int, int] = (0, 1)):
+    """A function that builds a fresh activation stream from the config (every call starts over).
+
+    ``language_model`` is a loader from :func:`model_loader` (sources that read text need it)."""
 
     def build_source(source_config: SourceConfig, context: SourceContext) -> Any:
         spec = registry.get("source", source_config.name)
@@ -42,7 +61,8 @@ def stream_builder(registry: Registry, activations: ActivationsConfig, hook_poin
 
     def make() -> Any:
         context = SourceContext(hook_points=hook_points, layout=activations.layout,
-                                seed=activations.seed + seed_offset, registry=registry, progress=progress)
+                                seed=activations.seed + seed_offset, registry=registry, progress=progress,
+                                language_model=language_model, shard=shard)
         return build_activation_stream(activations, context, build_source)
 
     return make

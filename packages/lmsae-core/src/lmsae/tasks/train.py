@@ -19,7 +19,15 @@ import attrs
 import torch
 
 from lmsae.activations.factory import ActivationsConfig
-from lmsae.config import DictionaryConfig, LoggerConfig, RunConfig, TrainerConfig, config_class, option
+from lmsae.config import (
+    DictionaryConfig,
+    LanguageModelConfig,
+    LoggerConfig,
+    RunConfig,
+    TrainerConfig,
+    config_class,
+    option,
+)
 from lmsae.dictionary.base import SparseDictionary
 from lmsae.config.fields import FieldValueError
 from lmsae.dictionary.io import PretrainedConfig, load_dictionary, save_dictionary
@@ -27,7 +35,14 @@ from lmsae.errors import LmsaeError
 from lmsae.logging.loggers import ConsoleLoggerConfig, JsonlLoggerConfig, LoggerContext, MultiLogger
 from lmsae.records import TaskSpec
 from lmsae.runtime import RunContext
-from lmsae.tasks.common import DTYPES, estimate_dataset_norms, resolve_device, stream_builder, take
+from lmsae.tasks.common import (
+    DTYPES,
+    estimate_dataset_norms,
+    model_loader,
+    resolve_device,
+    stream_builder,
+    take,
+)
 from lmsae.training.evaluation import evaluate_reconstruction
 from lmsae.training.initializer import InitializerConfig, initialize
 from lmsae.training.state_io import atomic_write_json
@@ -54,6 +69,8 @@ class TrainRunConfig(RunConfig):
     activations: ActivationsConfig = option(doc="Where training activations come from ([activations] table).")
     trainer: TrainerConfig = option(doc="Optimisation settings ([trainer] table; type defaults to 'standard').")
     initializer: InitializerConfig = option(factory=InitializerConfig, doc="Initialisation ([initializer] table).")
+    model: LanguageModelConfig | None = option(
+        None, doc="The language model ([model] table) that text sources run, loaded once on first use.")
     eval_activations: ActivationsConfig | None = option(
         None, doc="Held-out activations for periodic and final evaluation (None: the final report uses the last "
                   "training window).")
@@ -116,8 +133,9 @@ def run(cfg: TrainRunConfig, context: RunContext) -> TrainResult:
         trainer_spec = registry.get("trainer", "standard")
     dict_config = cfg.dictionary_config(registry)
     hooks = tuple(dict_config.hook_points)
-    make_stream = stream_builder(registry, cfg.activations, hooks, progress=context.progress)
-    make_eval = (stream_builder(registry, cfg.eval_activations, hooks, progress=False)
+    lm = model_loader(registry, cfg.model)
+    make_stream = stream_builder(registry, cfg.activations, hooks, progress=context.progress, language_model=lm)
+    make_eval = (stream_builder(registry, cfg.eval_activations, hooks, progress=False, language_model=lm)
                  if cfg.eval_activations is not None else None)
     out = cfg.output_dir
     out.mkdir(parents=True, exist_ok=True)

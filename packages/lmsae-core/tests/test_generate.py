@@ -1,0 +1,140 @@
+"""`task = "generate"` end to end with the tiny random model: cache, check, resume, train from it."""
+
+from __future__ import annotations
+
+import io
+import json
+import pathlib
+
+import pytest
+import torch
+
+from lmsae.activations.cache import check_cache, describe_cache
+from lmsae.config.base import LanguageModelConfig, RunConfig
+from lmsae.errors import DataError
+from lmsae.registry import load_registry
+from lmsae.runtime import RunContext
+from lmsae.tasks.common import model_loader, stream_builder
+from lmsae.testing.plugins import fake_entry_points
+
+HOOKS = ["blocks.0.hook_resid_post", "blocks.1.hook_mlp_out"]
+MODEL = {"backend": "transformer_lens", "model": "tiny-random", "device": "cpu"}
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> pathlib.Path:
+    d = tmp_path_factory.mktemp("corpus")
+    words = "the quick brown fox jumps over the lazy dog while sparse features fire rarely".split()
+    g = torch.Generator().manual_seed(0)
+    for i in range(40):
+        n = int(torch.randint(20, 120, (1,), generator=g))
+        text = " ".join(words[int(j)] for j in torch.randint(0, len(words), (n,), generator=g))
+        (d / f"doc{i:03d}.txt").write_text(text + ".")
+    return d
+
+
+@pytest.fixture
+def registry(monkeypatch):
+    fake_entry_points(monkeypatch, [])
+    return load_registry()
+
+
+def source(corpus, **kw) -> dict:
+    return {"type": "text", "dataset": {"path": str(corpus / "*.txt")}, "context_size": 32, "model_batch_size": 5,
+            **kw}
+
+
+def generate(registry, corpus, out, **top) -> dict:
+    data = {"task": "generate", "model": MODEL, "sources": [source(corpus)], "hook_points": HOOKS,
+            "output_dir": str(out), "writer": {"chunk_sequences": 8, "write_threads": 1}, **top}
+    cfg = registry.structure(data, RunConfig)
+    return registry.get("task", "generate").factory(cfg, RunContext(registry=registry, out=io.StringIO(),
+                                                                     progress=False))
+
+
+def test_generate_writes_a_checked_cache(registry, corpus, tmp_path):
+    summary = generate(registry, corpus, tmp_path / "c")
+    assert summary["sequences"] > 20 and summary["tokens"] == summary["sequences"] * 32
+    assert set(summary["hook_points"]) == set(HOOKS)
+    report = check_cache(tmp_path / "c", verify="sha256", progress=False)
+    assert report.ok, report.problems
+    assert describe_cache(tmp_path / "c")["model"] == "tiny-random"
+
+
+def test_total_tokens_budget(registry, corpus, tmp_path):
+    summary = generate(registry, corpus, tmp_path / "c", total_tokens=10 * 32)
+    assert summary["sequences"] == 10
+
+
+def test_unknown_hook_fails_before_writing(registry, corpus, tmp_path):
+    with pytest.raises(DataError, match="blocks.0.hook_resid_postt"):
+        generate(registry, corpus, tmp_path / "c", hook_points=["blocks.0.hook_resid_postt"])
+    assert not (tmp_path / "c" / "manifest.json").exists()
+
+
+def test_sharded_generation_resumes_after_a_kill(registry, corpus, tmp_path, monkeypatch):
+    # reference: two shards written in one go each
+    for shard in (0, 1):
+        generate(registry, corpus, tmp_path / "ref", n_shards=2, shard_index=shard)
+
+    # shard 0 is killed after its third chunk write; rerunning the same config resumes it
+    import lmsae.activations.cache as cache_mod
+
+    real_write = cache_mod.ActivationWriter.write
+    calls = {"n": 0}
+
+    def dying_write(self, batch):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise KeyboardInterrupt("killed")
+        return real_write(self, batch)
+
+    monkeypatch.setattr(cache_mod.ActivationWriter, "write", dying_write)
+    with pytest.raises(KeyboardInterrupt):
+        generate(registry, corpus, tmp_path / "run", n_shards=2, shard_index=0)
+    monkeypatch.setattr(cache_mod.ActivationWriter, "write", real_write)
+    partial = json.loads((tmp_path / "run" / "shard-0000" / "manifest.json").read_text())
+    assert 0 < len(partial["chunks"]) and not partial.get("finished")
+    out = io.StringIO()
+    data = {"task": "generate", "model": MODEL, "sources": [source(corpus)], "hook_points": HOOKS,
+            "output_dir": str(tmp_path / "run"), "writer": {"chunk_sequences": 8, "write_threads": 1},
+            "n_shards": 2, "shard_index": 0}
+    registry.get("task", "generate").factory(registry.structure(data, RunConfig),
+                                             RunContext(registry=registry, out=out, progress=False))
+    assert "resuming shard 0" in out.getvalue()
+    generate(registry, corpus, tmp_path / "run", n_shards=2, shard_index=1)
+    for rel in ("shard-0000", "shard-0001"):
+        for f in sorted((tmp_path / "ref" / rel).rglob("*.safetensors")):
+            assert f.read_bytes() == (tmp_path / "run" / rel / f.relative_to(tmp_path / "ref" / rel)).read_bytes()
+    assert check_cache(tmp_path / "run", progress=False).ok
+
+
+def test_training_from_the_cache_sees_the_live_batches(registry, corpus, tmp_path):
+    generate(registry, corpus, tmp_path / "c")
+    acts = {"batch_size": 64, "shuffle_buffer": 256, "seed": 5, "prefetch": 0}
+    from lmsae.activations.factory import ActivationsConfig
+
+    live_cfg = registry.structure({**acts, "sources": [source(corpus)]}, ActivationsConfig)
+    cached_cfg = registry.structure({**acts, "sources": [{"type": "cached", "path": str(tmp_path / "c")}]},
+                                    ActivationsConfig)
+    lm = model_loader(registry, registry.structure(MODEL, LanguageModelConfig))
+    live = list(stream_builder(registry, live_cfg, tuple(HOOKS), language_model=lm, progress=False)())
+    cached = list(stream_builder(registry, cached_cfg, tuple(HOOKS), language_model=lm, progress=False)())
+    assert len(live) == len(cached) > 3
+    for a, b in zip(live, cached, strict=True):
+        for k in (*HOOKS, "tokens", "mask"):
+            assert torch.equal(a[k], b[k]), k
+
+
+def test_train_from_cache_end_to_end(registry, corpus, tmp_path):
+    generate(registry, corpus, tmp_path / "c")
+    data = {"task": "train", "output_dir": str(tmp_path / "sae"), "device": "cpu", "loggers": [],
+            "dictionary": {"architecture": "sae", "hook_point_in": HOOKS[0], "d_model": 64, "expansion_factor": 2,
+                           "top_k": 8},
+            "activations": {"batch_size": 128, "sources": [{"type": "cached", "path": str(tmp_path / "c")}]},
+            "trainer": {"total_training_tokens": 128 * 6, "log_every": 2}}
+    out = io.StringIO()
+    result = registry.get("task", "train").factory(registry.structure(data, RunConfig),
+                                                   RunContext(registry=registry, out=out, progress=False))
+    assert result.reason == "completed" and result.steps == 6
+    assert "explained variance" in out.getvalue()
