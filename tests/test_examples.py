@@ -50,3 +50,33 @@ def test_saelens_commands_round_trip(tmp_path):
     assert imp.returncode == 0, imp.stderr
     bad = lmsae("saelens", "import", str(tmp_path / "d"), str(tmp_path / "x"))
     assert bad.returncode == 2 and "cfg.json" in bad.stderr and "Traceback" not in bad.stderr
+
+
+@pytest.mark.lm
+def test_quickstart_runs_on_smollm2(tmp_path):
+    """The README's quickstart, shortened: SmolLM2, built-in corpus, TopK SAE, held-out evaluation."""
+    res = lmsae("run", str(ROOT / "examples" / "quickstart.toml"), "--set", f'output_dir="{tmp_path}"',
+                "--set", "trainer.total_training_tokens=8192", "--set", "trainer.eval_tokens=2048",
+                "--set", "activations.shuffle_buffer=4096", "--set", "trainer.initial_k=64")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "final metrics (held-out evaluation)" in res.stdout
+    summary = json.loads((tmp_path / "training_summary.json").read_text())
+    assert summary["steps"] == 4 and summary["eval_tokens"] >= 2048
+    assert 0.0 < summary["explained_variance"] < 1.0 and summary["l0"] == pytest.approx(32, abs=0.01)
+
+
+@pytest.mark.lm
+def test_generate_then_train_from_cache(tmp_path):
+    cache = tmp_path / "cache"
+    gen = lmsae("run", str(ROOT / "examples" / "generate_smollm2.toml"), "--set", f'output_dir="{cache}"',
+                "--set", "total_tokens=4096")
+    assert gen.returncode == 0, gen.stderr[-3000:]
+    assert "cache: 32 sequences, 4,096 tokens" in gen.stdout
+    check = lmsae("activations", "check", str(cache), "--no-progress")
+    assert check.returncode == 0 and "ok" in check.stdout
+    train = lmsae("run", str(ROOT / "examples" / "train_from_cache.toml"), "--set", f'output_dir="{tmp_path / "sae"}"',
+                  "--set", f'activations.sources.0.path="{cache}"', "--set", "trainer.total_training_tokens=2048",
+                  "--set", "activations.shuffle_buffer=2048")
+    assert train.returncode == 0, train.stderr[-3000:]
+    summary = json.loads((tmp_path / "sae" / "training_summary.json").read_text())
+    assert summary["reason"] == "completed" and summary["steps"] == 1
