@@ -296,3 +296,14 @@ def test_with_transformer_lens_tiny_random(tiny_lm, dataset):
     assert any((c["tokens"][:, 1:] == eos).any() for c in chunks)
     state = source.state_dict()
     assert state["windows"] == 6
+
+
+def test_token_only_stream_never_runs_the_model(dataset):
+    # with no hook point requested the source yields tokens, masks and metadata only
+    lm = FakeLM()
+    config = TextSourceConfig(dataset=dataset, context_size=8, model_batch_size=4)
+    source = TextSource(config, SourceContext(hook_points=(), layout="sequences", language_model=lambda: lm,
+                                              progress=False))
+    chunk = next(iter(source))
+    assert set(chunk) == {"tokens", "mask", "meta"} and chunk["tokens"].shape == (4, 8)
+    assert lm.forwarded == 0

@@ -92,9 +92,8 @@ class TextSource:
         if context.language_model is None:
             raise DataError("the 'text' source needs a [model] table in the run config (the language model "
                             "whose activations it computes)")
+        # no hook point: a token-only stream (tokens, masks, metadata; the model never runs)
         hook_points = tuple(context.hook_points)
-        if not hook_points:
-            raise DataError("the 'text' source needs at least one hook point to compute")
         reserved = [h for h in hook_points if h in RESERVED_KEYS]
         if reserved:
             raise DataError(f"hook point name(s) {reserved} collide with reserved batch keys {sorted(RESERVED_KEYS)}")
@@ -196,8 +195,11 @@ class TextSource:
         tokens = torch.stack([w.tokens for w in taken])
         attention_mask = torch.stack([w.attention_mask for w in taken])
         device = torch.device(self.lm.device)
-        with torch.no_grad():
-            acts = self.lm.activations(tokens.to(device), self.hook_points, attention_mask=attention_mask.to(device))
+        acts: dict[str, Tensor] = {}
+        if self.hook_points:  # no hook point requested: a token-only stream, the model never runs
+            with torch.no_grad():
+                acts = self.lm.activations(tokens.to(device), self.hook_points,
+                                           attention_mask=attention_mask.to(device))
         out: Batch = {}
         for hook in self.hook_points:
             if hook not in acts:
