@@ -53,3 +53,7 @@ class CheckpointError(LmsaeError):
 
 class ShardingError(LmsaeError):
     """Sharding rules do not cover exactly the parameters of a model, or do not fit the mesh."""
+
+
+class StoreError(LmsaeError):
+    """A store is unreachable, or a record it needs is missing."""

@@ -135,6 +135,59 @@ class SparseDictionary(nn.Module):
     def n_features(self) -> int:
         return self.config.n_features
 
+    # --- what evaluation and analysis use -------------------------------------------------------
+
+    def split_output(self, reconstruction: Tensor) -> dict[str, Tensor]:
+        """The prediction of each output hook point, ``{hook: (token axes..., d)}``.
+
+        Default: the single output hook. Multi-output architectures (layers/heads axis) override.
+        """
+        (hook,) = self.config.hooks_out
+        return {hook: reconstruction}
+
+    def reconstruct_hooks(self, inputs: Mapping[str, Tensor], mask: Tensor | None = None) -> dict[str, Tensor]:
+        """Raw-space predictions of the output hook points from raw input activations.
+
+        ``inputs`` must hold every input hook point. Used to splice the dictionary into the
+        language model (evaluation). Architectures whose outputs can be computed from a subset of
+        the inputs (e.g. a cross-layer transcoder at an early layer) may override it.
+        """
+        missing = [h for h in self.config.hooks_in if h not in inputs]
+        if missing:
+            raise DataError(f"{type(self).__name__} needs activations of {missing} to reconstruct its outputs")
+        batch: dict[str, Any] = dict(inputs)
+        # label hooks are only needed for their normalisation scale: the input's scale stands in
+        # for an SAE (same hook); a transcoder's output scale comes from its dataset norm
+        for hook in self.config.hooks_out:
+            if hook not in batch:
+                batch[hook] = torch.ones_like(next(iter(inputs.values()))[..., :1]).expand(
+                    *next(iter(inputs.values())).shape[:-1], self.hook_dims()[hook])
+        if mask is not None:
+            batch["mask"] = mask
+        if self.config.normalization in ("token", "batch") and any(h not in inputs for h in self.config.hooks_out):
+            raise DataError(f"normalization={self.config.normalization!r} needs the output activations to rescale "
+                            "the prediction; splicing such a transcoder is not supported (fold dataset norms)")
+        return self.split_output(self.forward_raw(batch))
+
+    def analysis_activations(self, feature_acts: Tensor, x: Tensor) -> Tensor:
+        """Feature activations reduced to ``token axes + (n_features,)`` for per-feature analysis.
+
+        Default: the maximum over extra feature axes (heads, layers); single-axis dictionaries are
+        returned unchanged.
+        """
+        extra = len(self.feature_dims) - 1
+        out = feature_acts
+        for _ in range(extra):
+            out = out.max(dim=-2).values
+        return out
+
+    def decoder_directions(self) -> dict[str, Tensor]:
+        """Each feature's write direction in raw space per output hook: ``{hook: (n_features, d)}``.
+
+        Used by direct logit attribution. Architectures that can express it implement it.
+        """
+        raise NotImplementedError(f"{type(self).__name__} does not provide decoder directions")
+
     # --- normalisation ------------------------------------------------------------------------
 
     def hook_scales(self, batch: Batch) -> dict[str, Tensor]:

@@ -266,6 +266,15 @@ class SparseAutoEncoder(SparseDictionary):
         """L2 norm of each decoder row, ``(d_sae,)``."""
         return self.W_D.norm(dim=1)
 
+    def decoder_directions(self) -> dict[str, Tensor]:
+        """Each feature's write direction in raw output space, ``{hook_out: (d_sae, d_out)}``
+        (the decoder rows divided by the output normalisation factor, if not folded)."""
+        (hook,) = self.config.hooks_out
+        scale = 1.0
+        if self.config.normalization == "dataset" and hook in self.config.dataset_norms:
+            scale = math.sqrt(self.W_D.shape[1]) / self.config.dataset_norms[hook]
+        return {hook: self.W_D.detach() / scale}
+
     def encoder_norm(self) -> Tensor:
         """L2 norm of each encoder column, ``(d_sae,)``."""
         return self.W_E.norm(dim=0)

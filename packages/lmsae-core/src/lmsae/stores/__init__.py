@@ -1,0 +1,1 @@
+"""Stores: where dictionaries, analyses, logit attributions and interpretations are recorded."""
