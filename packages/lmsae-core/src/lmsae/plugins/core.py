@@ -60,18 +60,28 @@ def lmsae_register_loggers():
 
 
 @hookimpl
-def lmsae_register_tasks():
-    from lmsae.tasks import generate as generate_task
-    from lmsae.tasks import init as init_task
-    from lmsae.tasks import train as train_task
+def lmsae_register_stores():
+    from lmsae.stores.specs import STORE_SPECS
 
-    return [generate_task.SPEC, init_task.SPEC, train_task.SPEC]
+    return list(STORE_SPECS)
+
+
+@hookimpl
+def lmsae_register_tasks():
+    from lmsae.tasks import analyze, attribute_logits, autointerp, evaluate, generate, init, train
+
+    return [analyze.SPEC, attribute_logits.SPEC, autointerp.SPEC, evaluate.SPEC, generate.SPEC, init.SPEC,
+            train.SPEC]
 
 
 @hookimpl
 def lmsae_register_commands(cli):
     from lmsae.activations.commands import register as register_activations
     from lmsae.interop.commands import register as register_saelens
+    from lmsae.report.commands import register as register_report
+    from lmsae.stores.commands import register as register_store
 
     register_activations(cli)
     register_saelens(cli)
+    register_store(cli)
+    register_report(cli)

@@ -26,7 +26,7 @@ def default_store_directory() -> pathlib.Path:
 
 @config_class
 class LocalStoreConfig(StoreConfig):
-    """The embedded store: an SQLite database plus array files in one directory; no server."""
+    """The embedded store: one SQLite database file (arrays stored as safetensors blobs); no server."""
 
     name: ClassVar[str] = "local"
 
