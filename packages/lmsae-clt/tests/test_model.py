@@ -256,12 +256,12 @@ def test_reconstruct_hooks_from_earlier_layers_only(make_model, raw_batch, act_f
 
 
 @pytest.mark.parametrize("act_fn", ["layertopk", "batchlayertopk"])
-def test_reconstruct_hooks_refuses_partial_inputs_for_across_layer_topk(make_model, raw_batch, act_fn):
+def test_across_layer_topk_determines_no_output_from_partial_inputs(make_model, raw_batch, act_fn):
     model = make_model(act_fn=act_fn, top_k=3)
     batch = raw_batch(model)
-    with pytest.raises(LmsaeError, match="per_hook"):
-        model.reconstruct_hooks({model.config.hooks_in[0]: batch[model.config.hooks_in[0]]})
-    assert len(model.reconstruct_hooks({h: batch[h] for h in model.config.hooks_in})) == 3
+    hin = model.config.hooks_in
+    assert model.reconstruct_hooks({h: batch[h] for h in hin[:2]}) == {}
+    assert len(model.reconstruct_hooks({h: batch[h] for h in hin})) == 3
 
 
 def test_analysis_features_are_layer_major_and_directions_rebuild_the_output(make_model, raw_batch):

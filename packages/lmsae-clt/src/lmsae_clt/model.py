@@ -357,8 +357,12 @@ class CrossLayerTranscoder(SparseDictionary):
         decoders only go forward), so when the inputs of layers p, p+1, ... are missing — as at
         ``hook_points_out[j]`` during a closed-loop splice, where later layers have not run yet — they
         are zero-filled and only the outputs 0..p-1 are returned (zero-filling cannot change them).
-        Raises :class:`LmsaeError` for the across-layer TopK variants, whose selection at layer j
-        depends on every layer's input.
+
+        The across-layer TopK variants (``layertopk``, ``batchlayertopk``) select features of every
+        layer jointly, so no output is determined until every input is there: with missing inputs
+        they return ``{}`` (a closed-loop splice then reports that the outputs come too early and
+        suggests ``mode = "per_hook"``; ``lmsae clt to-jumprelu`` gives a CLT that splices in closed
+        loop). Raises :class:`DataError` when layer 0's input is missing.
         """
         hooks_in = self.config.hooks_in
         present = 0
@@ -370,11 +374,7 @@ class CrossLayerTranscoder(SparseDictionary):
             raise DataError(f"{type(self).__name__} needs the activations of {hooks_in[0]!r} (layer 0) to predict "
                             "any of its outputs")
         if self.config.act_fn in ACROSS_LAYER_ACT_FNS:
-            raise LmsaeError(
-                f"act_fn={self.config.act_fn!r} selects features jointly across layers, so the prediction of "
-                f"{self.config.hooks_out[0]!r} depends on the inputs of later layers ({list(hooks_in[present:])}), "
-                "which a closed-loop splice has not computed yet. Splice one layer at a time (mode = \"per_hook\"), "
-                "or convert the CLT to per-layer JumpReLU thresholds first (lmsae clt to-jumprelu)")
+            return {}
         ref = inputs[hooks_in[0]]
         filled = dict(inputs)
         for h in hooks_in[present:]:

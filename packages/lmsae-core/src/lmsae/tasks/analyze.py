@@ -26,6 +26,7 @@ from lmsae.errors import ConfigError, DataError, LmsaeError
 from lmsae.records import TaskSpec
 from lmsae.runtime import RunContext
 from lmsae.stores.base import DictionaryRecord, FeatureAnalysis, Store
+from lmsae.stores.configs import open_store
 from lmsae.tasks.common import hook_points_of, model_loader, resolve_device, stream_builder
 
 
@@ -102,12 +103,6 @@ def record_dictionary(store: Store, registry: Any, pretrained: PretrainedConfig,
     return record
 
 
-def open_run_store(registry: Any, config: StoreConfig | None) -> Store:
-    from lmsae.stores.configs import open_store
-
-    return open_store(registry, config)
-
-
 # --- the task ------------------------------------------------------------------------------------
 
 
@@ -139,7 +134,7 @@ def run(cfg: AnalyzeRunConfig, context: RunContext) -> dict[str, Any]:
     analyses = attach_extras(analyses, spec.analysis_extras, model)
     lm = lm_loader() if lm_loader is not None else None
 
-    with open_run_store(registry, cfg.store) as store:
+    with open_store(registry, cfg.store) as store:
         record_dictionary(store, registry, cfg.pretrained, name, cfg.series, lm.name if lm is not None else None)
         store.put_feature_analyses(name, cfg.series, cfg.analysis_name, analyses)
 

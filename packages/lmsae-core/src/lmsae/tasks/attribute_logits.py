@@ -19,7 +19,8 @@ from lmsae.errors import LmsaeError
 from lmsae.records import TaskSpec
 from lmsae.runtime import RunContext
 from lmsae.stores.base import LogitAttribution
-from lmsae.tasks.analyze import dictionary_name, open_run_store, record_dictionary
+from lmsae.stores.configs import open_store
+from lmsae.tasks.analyze import dictionary_name, record_dictionary
 from lmsae.tasks.common import model_loader, resolve_device
 
 
@@ -59,7 +60,7 @@ def run(cfg: AttributeLogitsRunConfig, context: RunContext) -> list[LogitAttribu
     attributions = direct_logit_attribution(model, lm, top_k=cfg.top_k, batch=cfg.batch_features,
                                             include_bias=cfg.include_bias)
     seconds = time.monotonic() - start
-    with open_run_store(registry, cfg.store) as store:
+    with open_store(registry, cfg.store) as store:
         record_dictionary(store, registry, cfg.pretrained, name, cfg.series, lm.name)
         store.put_logit_attributions(name, cfg.series, attributions)
     _print_summary(context, name, cfg.series, lm.name, attributions, seconds)
