@@ -14,8 +14,8 @@ EXAMPLES = sorted((ROOT / "examples").glob("*.toml"))
 LMSAE = [sys.executable, "-m", "lmsae.cli"]
 
 
-def lmsae(*args: str, cwd=None) -> subprocess.CompletedProcess:
-    return subprocess.run([*LMSAE, *args], capture_output=True, text=True, timeout=900, cwd=cwd)
+def lmsae(*args: str, cwd=None, env=None) -> subprocess.CompletedProcess:
+    return subprocess.run([*LMSAE, *args], capture_output=True, text=True, timeout=900, cwd=cwd, env=env)
 
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
@@ -53,16 +53,38 @@ def test_saelens_commands_round_trip(tmp_path):
 
 
 @pytest.mark.lm
-def test_quickstart_runs_on_smollm2(tmp_path):
-    """The README's quickstart, shortened: SmolLM2, built-in corpus, TopK SAE, held-out evaluation."""
-    res = lmsae("run", str(ROOT / "examples" / "quickstart.toml"), "--set", f'output_dir="{tmp_path}"',
+def test_quickstart_then_evaluate_analyze_show_report(tmp_path):
+    """The README's quickstart, shortened (SmolLM2, built-in corpus, TopK SAE, held-out evaluation),
+    then the evaluate / analyze / attribute-logits examples, `lmsae show feature` and `lmsae report`
+    on the result with only the embedded store."""
+    import os
+
+    env = {**os.environ, "LMSAE_STORE_DIR": str(tmp_path / "store")}
+    sae = tmp_path / "quickstart"
+    res = lmsae("run", str(ROOT / "examples" / "quickstart.toml"), "--set", f'output_dir="{sae}"',
                 "--set", "trainer.total_training_tokens=8192", "--set", "trainer.eval_tokens=2048",
                 "--set", "activations.shuffle_buffer=4096", "--set", "trainer.initial_k=64")
     assert res.returncode == 0, res.stderr[-3000:]
     assert "final metrics (held-out evaluation)" in res.stdout
-    summary = json.loads((tmp_path / "training_summary.json").read_text())
+    summary = json.loads((sae / "training_summary.json").read_text())
     assert summary["steps"] == 4 and summary["eval_tokens"] >= 2048
     assert 0.0 < summary["explained_variance"] < 1.0 and summary["l0"] == pytest.approx(32, abs=0.01)
+
+    common = ["--set", f'pretrained.path="{sae}"']
+    ev = lmsae("run", str(ROOT / "examples" / "evaluate.toml"), *common, "--set", f'output_dir="{tmp_path / "eval"}"',
+               "--set", "n_tokens=2048", "--set", "splice.n_tokens=512", env=env)
+    assert ev.returncode == 0, ev.stderr[-3000:]
+    metrics = json.loads((tmp_path / "eval" / "evaluation.json").read_text())["metrics"]
+    assert {"explained_variance", "ce_loss_recovered", "kl_div"} <= set(metrics)
+    an = lmsae("run", str(ROOT / "examples" / "analyze.toml"), *common, "--set", "n_tokens=2048", env=env)
+    assert an.returncode == 0, an.stderr[-3000:]
+    dla = lmsae("run", str(ROOT / "examples" / "attribute_logits.toml"), *common, env=env)
+    assert dla.returncode == 0, dla.stderr[-3000:]
+    show = lmsae("show", "feature", "quickstart", "0", "--no-color", env=env)
+    assert show.returncode == 0 and "quickstart · feature 0" in show.stdout and "promotes" in show.stdout
+    report = lmsae("report", "quickstart", "--out", str(tmp_path / "report"), "--max-features", "20", env=env)
+    assert report.returncode == 0, report.stderr[-2000:]
+    assert (tmp_path / "report" / "index.html").exists() and (tmp_path / "report" / "features" / "0.html").exists()
 
 
 @pytest.mark.lm

@@ -45,6 +45,8 @@ from lmsae.errors import LmsaeError
 from lmsae.models.transformer_lens import ByteTokenizer, TransformerLensConfig
 from lmsae.registry import load_registry
 from lmsae.runtime import RunContext
+from lmsae.stores.configs import LocalStoreConfig
+from lmsae.stores.local import LocalStore
 from lmsae.stores.base import (
     DictionaryRecord,
     FeatureAnalysis,
@@ -162,21 +164,9 @@ def _analysis(index: int) -> FeatureAnalysis:
                            samplings=[Sampling("top_activations", top), Sampling("quantile_0.00-0.50", quantile)])
 
 
-def _local_store(directory: pathlib.Path) -> Store | None:
-    """The embedded SQLite store when this checkout has it (it is developed alongside)."""
-    try:
-        from lmsae.stores.configs import LocalStoreConfig
-        from lmsae.stores.local import LocalStore
-    except ImportError:
-        return None
-    return LocalStore(LocalStoreConfig(directory=directory))
-
-
 @pytest.fixture(params=["local", "memory"])
 def store(request, tmp_path) -> Iterator[Store]:
-    s = _local_store(tmp_path / "store") if request.param == "local" else MemoryStore()
-    if s is None:
-        pytest.skip("lmsae.stores.local is not available")
+    s = LocalStore(LocalStoreConfig(directory=tmp_path / "store")) if request.param == "local" else MemoryStore()
     s.put_language_model(NamedConfigRecord("tiny", {"backend": "transformer_lens", "model": "tiny-random"}))
     s.put_dictionary(DictionaryRecord(name=DICT, series="default", path="/nowhere", config={}, model_name="tiny"))
     s.put_feature_analyses(DICT, "default", "default", [_analysis(i) for i in sorted([*WORDS, DEAD])])
@@ -379,8 +369,7 @@ def test_load_tokenizer_for_tiny_random_is_the_byte_tokenizer():
 def test_token_pieces_of_a_byte_level_bpe_tokenizer_rebuild_the_text():
     from lmsae.models import smollm2
 
-    if not smollm2.is_converted():
-        pytest.skip("SmolLM2 is not converted yet (test_smollm2 converts it)")
+    smollm2.ensure_converted(progress=False)  # once per machine (cached); no-op afterwards
     tok = load_tokenizer(TransformerLensConfig(model="smollm2-135m"))
     text = "Hello world, naïve café 😀 def foo():\n    return 1"
     ids = tok.encode(text, add_special_tokens=False)

@@ -339,12 +339,31 @@ def test_identical_and_independent_initialisation():
     for model in (same, other):
         torch.testing.assert_close(model.W_D.norm(dim=-1), torch.ones(3, 7))
         for h in range(3):
-            assert torch.equal(model.W_E[h], model.W_D[h].T)
+            torch.testing.assert_close(model.W_E[h], model.W_D[h].T / 3)
         assert not model.b_E.any() and not model.b_D.any()
         torch.testing.assert_close(model.decoder_norm(), torch.full((7,), 3.0))
     again = Crosscoder(CrosscoderConfig(hook_points=HOOKS, d_model=5, d_sae=7, init="independent"))
     again.reset_parameters(torch.Generator().manual_seed(0))
     assert torch.equal(again.W_D, other.W_D)
+
+
+def test_identical_heads_fed_identical_inputs_start_as_the_sae():
+    from lmsae.dictionary.sae import SAEConfig, SparseAutoEncoder
+
+    cc = Crosscoder(CrosscoderConfig(hook_points=HOOKS, d_model=5, d_sae=7, act_fn="topk", top_k=2,
+                                     normalization="none"))
+    cc.reset_parameters(torch.Generator().manual_seed(3))
+    sae = SparseAutoEncoder(SAEConfig(hook_point_in="x", d_model=5, d_sae=7, act_fn="topk", top_k=2,
+                                      normalization="none"))
+    with torch.no_grad():
+        sae.W_D.copy_(cc.W_D[0])
+        sae.init_encoder_from_decoder(1.0)
+    x = torch.randn(6, 5, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        y = cc.forward(torch.stack([x] * 3, dim=-2))
+        expected = sae.forward(x)
+    for h in range(3):
+        torch.testing.assert_close(y[:, h], expected, rtol=1e-6, atol=1e-6)
 
 
 @torch.no_grad()
@@ -363,7 +382,7 @@ def test_initializer_capabilities():
     keep = batch["mask"]
     for h in range(2):
         torch.testing.assert_close(model.b_D[h], label[keep, h].mean(0))
-        torch.testing.assert_close(model.W_E[h], model.W_D[h].T)
+        torch.testing.assert_close(model.W_E[h], model.W_D[h].T / 2)
         y = label[keep, h] - label[keep, h].mean(0)
         _, _, vh = torch.linalg.svd(y, full_matrices=False)
         outside = model.W_D[h] - model.W_D[h] @ vh[:3].T @ vh[:3]

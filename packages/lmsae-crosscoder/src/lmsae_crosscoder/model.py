@@ -231,7 +231,8 @@ class Crosscoder(SparseDictionary):
         - ``W_D[h]``: rows drawn U(-1, 1) and scaled to unit L2 norm (every head of every feature
           starts with norm 1, combined norm H); with ``init = "identical"`` one draw is copied to
           all heads, with ``"independent"`` each head has its own draw;
-        - ``W_E[h] = W_D[h]^T``; ``b_E``, ``b_D`` = 0; ``head_norm_weight`` = 1;
+        - ``W_E[h] = W_D[h]^T / H`` (see :meth:`init_encoder_from_decoder`); ``b_E``, ``b_D`` = 0;
+          ``head_norm_weight`` = 1;
         - JumpReLU ``log_threshold`` = log(jumprelu_init_threshold).
         """
         cfg = self.config
@@ -241,7 +242,7 @@ class Crosscoder(SparseDictionary):
         else:
             w_d = self._unit_rows((n_heads, f, d), generator)
         self.W_D.copy_(w_d)
-        self.W_E.copy_(w_d.transpose(-1, -2))
+        self.init_encoder_from_decoder(1.0)
         self.b_E.zero_()
         self.b_D.zero_()
         self.head_norm_weight.fill_(1.0)
@@ -260,8 +261,14 @@ class Crosscoder(SparseDictionary):
 
     @torch.no_grad()
     def init_encoder_from_decoder(self, factor: float = 1.0) -> None:
-        """``W_E[h] = W_D[h]^T * factor`` for every head."""
-        self.W_E.copy_(self.W_D.transpose(-1, -2) * factor)
+        """``W_E[h] = W_D[h]^T * factor / H`` for every head.
+
+        The 1/H keeps the summed pre-activation on the scale of one head's: a crosscoder fed H
+        copies of the same activations starts exactly as an SAE with ``W_E = W_D^T`` would
+        (without it, correlated heads such as adjacent layers start with codes and
+        reconstructions about H times too large).
+        """
+        self.W_E.copy_(self.W_D.transpose(-1, -2) * (factor / self.n_heads))
 
     @torch.no_grad()
     def init_decoder_bias(self, mean: Tensor) -> None:
