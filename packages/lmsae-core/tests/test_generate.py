@@ -138,3 +138,41 @@ def test_train_from_cache_end_to_end(registry, corpus, tmp_path):
                                                    RunContext(registry=registry, out=out, progress=False))
     assert result.reason == "completed" and result.steps == 6
     assert "explained variance" in out.getvalue()
+
+
+def test_train_then_evaluate_analyze_and_attribute_logits(registry, corpus, tmp_path, monkeypatch):
+    monkeypatch.setenv("LMSAE_STORE_DIR", str(tmp_path / "store"))
+    text = {"batch_size": 64, "prefetch": 0, "sources": [source(corpus)]}
+    data = {"task": "train", "output_dir": str(tmp_path / "sae"), "device": "cpu", "loggers": [], "model": MODEL,
+            "dictionary": {"architecture": "sae", "hook_point_in": HOOKS[0], "d_model": 64, "expansion_factor": 2,
+                           "top_k": 8},
+            "activations": text, "eval_activations": text,
+            "trainer": {"total_training_tokens": 64 * 6, "log_every": 2},
+            "after_training": {"evaluate": True, "analyze": True, "attribute_logits": True, "evaluate_tokens": 256,
+                               "splice_tokens": 64, "analyze_tokens": 256, "dictionary_name": "tiny-sae"}}
+    out = io.StringIO()
+    registry.get("task", "train").factory(registry.structure(data, RunConfig),
+                                          RunContext(registry=registry, out=out, progress=False))
+    text_out = out.getvalue()
+    assert "after training: evaluate (with splicing)" in text_out and "after training: analyze" in text_out
+    from lmsae.stores.configs import LocalStoreConfig
+    from lmsae.stores.local import LocalStore
+
+    with LocalStore(LocalStoreConfig()) as store:
+        assert store.get_dictionary("tiny-sae") is not None
+        assert store.list_analyses("tiny-sae") == ["default"]
+        assert len(store.feature_statistics("tiny-sae", "default")["index"]) == 128
+        assert store.get_logit_attribution("tiny-sae", "default", 0) is not None
+        (evaluation,) = store.list_evaluations("tiny-sae")
+        assert "ce_loss_recovered" in evaluation.metrics
+
+
+def test_after_training_needs_held_out_text(registry, corpus, tmp_path):
+    from lmsae.errors import ConfigError
+
+    data = {"task": "train", "output_dir": str(tmp_path), "model": MODEL,
+            "dictionary": {"architecture": "sae", "hook_point_in": HOOKS[0], "d_model": 64},
+            "activations": {"sources": [source(corpus)]}, "trainer": {"total_training_tokens": 64},
+            "after_training": {"analyze": True}}
+    with pytest.raises(ConfigError, match=r"\$\.after_training: evaluate/analyze after training read held-out"):
+        registry.structure(data, RunConfig)

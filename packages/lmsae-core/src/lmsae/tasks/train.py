@@ -21,6 +21,7 @@ import torch
 from lmsae.activations.factory import ActivationsConfig
 from lmsae.config import (
     DictionaryConfig,
+    StoreConfig,
     LanguageModelConfig,
     LoggerConfig,
     RunConfig,
@@ -29,7 +30,7 @@ from lmsae.config import (
     option,
 )
 from lmsae.dictionary.base import SparseDictionary
-from lmsae.config.fields import FieldValueError
+from lmsae.config.fields import FieldValueError, non_negative, positive
 from lmsae.dictionary.io import PretrainedConfig, load_dictionary, save_dictionary
 from lmsae.errors import LmsaeError
 from lmsae.logging.loggers import ConsoleLoggerConfig, JsonlLoggerConfig, LoggerContext, MultiLogger
@@ -49,6 +50,28 @@ from lmsae.training.state_io import atomic_write_json
 from lmsae.training.trainer import StandardTrainerConfig, TrainResult, list_checkpoints, read_checkpoint
 
 log = logging.getLogger(__name__)
+
+
+@config_class
+class AfterTrainingConfig:
+    """What to do with the trained dictionary once it is saved ([after_training] table).
+
+    The follow-up tasks read held-out text from ``[eval_activations]`` (its text sources) with the
+    run's ``[model]``; results go to the store under ``dictionary_name``.
+    """
+
+    evaluate: bool = option(False, doc="Run the evaluate task (reconstruction metrics, density, and CE loss "
+                                       "recovered / KL when splice_tokens > 0).")
+    evaluate_tokens: int = option(65_536, doc="Tokens for the reconstruction metrics.", validator=positive())
+    splice_tokens: int = option(16_384, doc="Positions for CE loss recovered and KL (0: skip splicing).",
+                                validator=non_negative())
+    splice_mode: Literal["all", "per_hook"] = option(
+        "all", doc="'all' splices every output at once; 'per_hook' also one output at a time (crosscoders...).")
+    analyze: bool = option(False, doc="Run the analyze task (top contexts, quantile samples, histograms).")
+    analyze_tokens: int = option(65_536, doc="Token positions to analyse.", validator=positive())
+    attribute_logits: bool = option(False, doc="Run direct logit attribution (needs decoder directions).")
+    dictionary_name: str | None = option(None, doc="Name in the store (default: the output directory's name).")
+    store: StoreConfig | None = option(None, doc="Where results go ([after_training.store]; default: local store).")
 
 
 def _default_loggers() -> list[LoggerConfig]:
@@ -84,11 +107,21 @@ class TrainRunConfig(RunConfig):
     dtype: Literal["float32", "float64"] = option("float32", doc="Parameter dtype.")
     fold_normalization: bool = option(True, doc="Fold dataset-wise normalisation into the saved weights, so the "
                                                 "saved dictionary takes raw activations.")
+    after_training: AfterTrainingConfig | None = option(
+        None, doc="Evaluate / analyse / attribute logits of the saved dictionary ([after_training] table).")
 
     def __attrs_post_init__(self) -> None:
         if (self.dictionary is None) == (self.pretrained is None):
             raise FieldValueError("dictionary", "set exactly one of [dictionary] (a new dictionary) and "
                                                 "[pretrained] (continue a saved one)")
+        after = self.after_training
+        if after is not None and (after.evaluate or after.analyze or after.attribute_logits):
+            if self.eval_activations is None and (after.evaluate or after.analyze):
+                raise FieldValueError("after_training", "evaluate/analyze after training read held-out text from "
+                                                        "[eval_activations]: add it")
+            if self.model is None and (after.analyze or after.attribute_logits or after.splice_tokens):
+                raise FieldValueError("after_training", "analysis, logit attribution and splicing need the "
+                                                        "language model: add a [model] table")
 
     def dictionary_config(self, registry: Any) -> DictionaryConfig:
         """The architecture config: the [dictionary] table, or the one stored with the pretrained dictionary."""
@@ -198,7 +231,40 @@ def run(cfg: TrainRunConfig, context: RunContext) -> TrainResult:
     finally:
         loggers.close()
     _print_summary(context, summary, out)
+    if cfg.after_training is not None:
+        run_after_training(cfg, context)
     return result
+
+
+def run_after_training(cfg: TrainRunConfig, context: RunContext) -> None:
+    """The follow-up tasks of ``[after_training]`` on the dictionary just saved in ``output_dir``."""
+    from lmsae.tasks import analyze, attribute_logits, evaluate
+
+    after = cfg.after_training
+    pretrained = PretrainedConfig(path=cfg.output_dir)
+    name = after.dictionary_name or cfg.output_dir.resolve().name
+    held_out = cfg.eval_activations
+    text_sources = [s for s in held_out.sources if s.name == "text"] if held_out is not None else []
+    if after.evaluate:
+        splice = None
+        if after.splice_tokens and text_sources:
+            splice = evaluate.SpliceConfig(sources=text_sources, n_tokens=after.splice_tokens, mode=after.splice_mode)
+        context.echo(f"\nafter training: evaluate ({'with' if splice else 'without'} splicing)")
+        evaluate.run(evaluate.EvaluateRunConfig(
+            pretrained=pretrained, dictionary_name=name, activations=held_out, model=cfg.model, splice=splice,
+            n_tokens=after.evaluate_tokens, store=after.store, loggers=[],
+            output_dir=cfg.output_dir / "evaluation", device=cfg.device), context)
+    if after.analyze:
+        context.echo("\nafter training: analyze")
+        sequences = attrs.evolve(held_out, layout="sequences", batch_size=16, shuffle_buffer=0)
+        analyze.run(analyze.AnalyzeRunConfig(
+            pretrained=pretrained, dictionary_name=name, model=cfg.model, activations=sequences,
+            n_tokens=after.analyze_tokens, store=after.store, device=cfg.device), context)
+    if after.attribute_logits:
+        context.echo("\nafter training: attribute logits")
+        attribute_logits.run(attribute_logits.AttributeLogitsRunConfig(
+            pretrained=pretrained, dictionary_name=name, model=cfg.model, store=after.store,
+            device=cfg.device), context)
 
 
 def _summary(result: TrainResult, final: dict[str, float], seconds: float) -> dict[str, Any]:
