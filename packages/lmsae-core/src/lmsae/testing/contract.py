@@ -35,6 +35,13 @@ from lmsae.registry import Registry, load_registry
 MESH_AXES = ("data", "model", "head", "sweep")
 
 
+def check(condition: object, message: object) -> None:
+    """Fail the current test with ``message`` unless ``condition`` holds (a readable failure
+    without relying on pytest's assertion rewriting, which does not apply to installed packages)."""
+    if not condition:
+        pytest.fail(str(message), pytrace=False)
+
+
 class ArchitectureContract:
     """Checks every architecture must pass. Set ``architecture`` in the subclass."""
 
@@ -90,30 +97,33 @@ class ArchitectureContract:
     # --- checks ------------------------------------------------------------------------------
 
     def test_spec_is_consistent(self, spec: ArchitectureSpec) -> None:
-        assert spec.name == self.architecture
-        assert issubclass(spec.model_class, SparseDictionary)
-        assert isinstance(spec.example_config(), spec.config_class)
+        check(spec.name == self.architecture, 'spec.name == self.architecture')
+        check(issubclass(spec.model_class, SparseDictionary), 'issubclass(spec.model_class, SparseDictionary)')
+        check(isinstance(spec.example_config(), spec.config_class), 'isinstance(spec.example_config(), spec.config_class)')
 
     def test_config_round_trip(self, spec: ArchitectureSpec, registry: Registry) -> None:
         for cfg in self.configs(spec):
             data = registry.unstructure(cfg)
-            assert data["architecture"] == self.architecture
-            assert registry.structure(json.loads(json.dumps(data)), DictionaryConfig) == cfg
-            assert registry.structure(tomllib.loads(dumps_toml(data)), DictionaryConfig) == cfg
+            check(data["architecture"] == self.architecture, 'data["architecture"] == self.architecture')
+            check(registry.structure(json.loads(json.dumps(data)), DictionaryConfig) == cfg,
+                  f"config does not survive a JSON round trip: {data}")
+            check(registry.structure(tomllib.loads(dumps_toml(data)), DictionaryConfig) == cfg,
+                  f"config does not survive a TOML round trip: {data}")
 
     def test_unknown_key_rejected(self, spec: ArchitectureSpec, registry: Registry) -> None:
         data = registry.unstructure(spec.example_config())
         data["definitely_not_a_key"] = 1
         with pytest.raises(ConfigError) as info:
             registry.structure(data, DictionaryConfig)
-        assert any(p.startswith("$.definitely_not_a_key: unknown key") for p in info.value.problems)
+        check(any(p.startswith("$.definitely_not_a_key: unknown key") for p in info.value.problems),
+              f"unknown key not reported at its path: {info.value.problems}")
 
     def test_example_config_builds(self, spec: ArchitectureSpec) -> None:
         for cfg in self.configs(spec):
             model = spec.model_class(cfg)
-            assert isinstance(model, SparseDictionary)
-            assert model.parameter_count() > 0
-            assert set(model.hook_dims()) == set(cfg.hook_points)
+            check(isinstance(model, SparseDictionary), 'isinstance(model, SparseDictionary)')
+            check(model.parameter_count() > 0, 'model.parameter_count() > 0')
+            check(set(model.hook_dims()) == set(cfg.hook_points), 'set(model.hook_dims()) == set(cfg.hook_points)')
 
     def test_forward_shapes(self, spec: ArchitectureSpec) -> None:
         for cfg in self.configs(spec):
@@ -123,13 +133,13 @@ class ArchitectureContract:
             label = model.prepare_label(batch)
             acts = model.encode(x, mask=batch["mask"], **extras)
             lead = batch["mask"].shape
-            assert acts.ndim == len(model.feature_axes(x))
-            assert tuple(acts.shape[: len(lead)]) == tuple(lead)
-            assert tuple(acts.shape[len(lead):]) == tuple(model.decoder_norm().shape)
+            check(acts.ndim == len(model.feature_axes(x)), 'acts.ndim == len(model.feature_axes(x))')
+            check(tuple(acts.shape[: len(lead)]) == tuple(lead), 'tuple(acts.shape[: len(lead)]) == tuple(lead)')
+            check(tuple(acts.shape[len(lead):]) == tuple(model.decoder_norm().shape), 'tuple(acts.shape[len(lead):]) == tuple(model.decoder_norm().shape)')
             recon = model.decode(acts, **extras)
-            assert recon.shape == label.shape
-            assert model.forward(x, mask=batch["mask"], **extras).shape == label.shape
-            assert model.forward_raw(batch).shape == label.shape
+            check(recon.shape == label.shape, f"reconstruction {tuple(recon.shape)} != label {tuple(label.shape)}")
+            check(model.forward(x, mask=batch["mask"], **extras).shape == label.shape, 'model.forward(x, mask=batch["mask"], **extras).shape == label.shape')
+            check(model.forward_raw(batch).shape == label.shape, 'model.forward_raw(batch).shape == label.shape')
 
     def test_every_parameter_receives_gradient(self, spec: ArchitectureSpec) -> None:
         for cfg in self.configs(spec):
@@ -143,7 +153,7 @@ class ArchitectureContract:
             allowed = self.parameters_allowed_without_gradient(cfg)
             lacking = [n for n, p in model.named_parameters()
                        if n not in allowed and (p.grad is None or not bool(p.grad.abs().sum() > 0))]
-            assert not lacking, f"parameters without gradient for {cfg}: {lacking}"
+            check(not lacking, f"parameters without gradient for {cfg}: {lacking}")
 
     def test_save_load_round_trip(self, spec: ArchitectureSpec, registry: Registry, tmp_path: pathlib.Path) -> None:
         for i, cfg in enumerate(self.configs(spec)):
@@ -151,12 +161,12 @@ class ArchitectureContract:
             target = tmp_path / f"dict{i}"
             save_dictionary(model, target, registry)
             loaded = load_dictionary(target, registry)
-            assert type(loaded) is type(model)
-            assert loaded.config == model.config
+            check(type(loaded) is type(model), 'type(loaded) is type(model)')
+            check(loaded.config == model.config, 'loaded.config == model.config')
             a, b = model.state_dict(), loaded.state_dict()
-            assert a.keys() == b.keys()
+            check(a.keys() == b.keys(), 'a.keys() == b.keys()')
             for k in a:
-                assert torch.equal(a[k], b[k]), k
+                check(torch.equal(a[k], b[k]), k)
             batch = {k: v.float() if v.is_floating_point() else v for k, v in self.batch(model).items()}
             torch.testing.assert_close(loaded.forward_raw(batch), model.forward_raw(batch), rtol=0, atol=0)
 
@@ -165,12 +175,12 @@ class ArchitectureContract:
             model = spec.model_class(cfg)
             rules = spec.sharding_rules(cfg)
             params = dict(model.named_parameters())
-            assert set(rules) == set(params), (f"rules without parameter: {sorted(set(rules) - set(params))}; "
-                                               f"parameters without rule: {sorted(set(params) - set(rules))}")
+            check(set(rules) == set(params), (f"rules without parameter: {sorted(set(rules) - set(params))}; "
+                                               f"parameters without rule: {sorted(set(params) - set(rules))}"))
             for name, rule in rules.items():
                 for axis, dim in rule.items():
-                    assert axis in MESH_AXES, f"{name}: unknown mesh axis {axis!r}"
-                    assert -params[name].ndim <= dim < params[name].ndim, f"{name}: dim {dim} out of range"
+                    check(axis in MESH_AXES, f"{name}: unknown mesh axis {axis!r}")
+                    check(-params[name].ndim <= dim < params[name].ndim, f"{name}: dim {dim} out of range")
 
     def test_folding_is_exact(self, spec: ArchitectureSpec) -> None:
         for cfg in self.configs(spec):
@@ -183,21 +193,21 @@ class ArchitectureContract:
             x, extras = model.prepare_input(model.normalize(batch))
             acts_before = model.encode(x, mask=batch["mask"], **extras)
             model.fold_normalization()
-            assert model.config.normalization == "none"
+            check(model.config.normalization == "none", 'model.config.normalization == "none"')
             folded = model.forward_raw(batch)
             torch.testing.assert_close(folded, reference, rtol=1e-9, atol=self.atol * max(1.0, _scale(reference)))
             x, extras = model.prepare_input(batch)
             acts_after = model.encode(x, mask=batch["mask"], **extras)
             # the same features fire (selection and thresholds survive folding)
-            assert torch.equal(acts_after > 0, acts_before > 0)
+            check(torch.equal(acts_after > 0, acts_before > 0), "folding changed which features fire")
 
     def test_decoder_norm_matches_feature_dims(self, spec: ArchitectureSpec) -> None:
         for cfg in self.configs(spec):
             model = spec.model_class(cfg)
             norm = model.decoder_norm()
-            assert len(norm.shape) == len(model.feature_dims)
-            assert norm.shape[-1] == cfg.n_features
-            assert bool((norm >= 0).all())
+            check(len(norm.shape) == len(model.feature_dims), 'len(norm.shape) == len(model.feature_dims)')
+            check(norm.shape[-1] == cfg.n_features, 'norm.shape[-1] == cfg.n_features')
+            check(bool((norm >= 0).all()), 'bool((norm >= 0).all())')
 
 
 def _scale(t: torch.Tensor) -> float:
