@@ -15,7 +15,6 @@ import torch
 from lmsae_clt.config import CLTConfig
 from lmsae_clt.model import CrossLayerTranscoder
 
-
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
@@ -80,12 +79,12 @@ def raw_batch():
 
 # --- a tiny multi-layer activation source, registered by tests through load_registry(plugins=[...]) ---
 
-from typing import ClassVar  # noqa: E402
+from typing import ClassVar
 
-from lmsae.config.base import SourceConfig  # noqa: E402
-from lmsae.config.fields import config_class, option, positive  # noqa: E402
-from lmsae.hookspecs import hookimpl  # noqa: E402
-from lmsae.records import SourceSpec  # noqa: E402
+from lmsae.config.base import SourceConfig
+from lmsae.config.fields import config_class, option, positive
+from lmsae.hookspecs import hookimpl
+from lmsae.records import SourceSpec
 
 
 @config_class
@@ -109,7 +108,7 @@ class LayeredSource:
         self.hook_points = tuple(context.hook_points)
         g = torch.Generator().manual_seed(config.seed)
         n, d, k = config.n_layers, config.d_model, config.n_true
-        unit = lambda *s: torch.nn.functional.normalize(torch.randn(*s, d, generator=g), dim=-1)  # noqa: E731
+        unit = lambda *s: torch.nn.functional.normalize(torch.randn(*s, d, generator=g), dim=-1)
         self.A = unit(n, k)  # (L, k, d)
         # true cross-layer writes decay with distance
         self.B = {(i, j): unit(k) / (1 + j - i) for j in range(n) for i in range(j + 1)}

@@ -7,7 +7,6 @@ import torch
 
 from lmsae.errors import ShapeError
 from lmsae.nn.activations import JumpReLU, ReLU, TopK
-
 from lmsae_clt.activations import BatchLayerTopK, BatchTopKPerLayer, LayerTopK, build_clt_activation
 from lmsae_clt.config import ACT_FNS, CLTConfig
 

@@ -10,7 +10,6 @@ from safetensors.torch import load_file, save_file
 from lmsae.cli import main
 from lmsae.dictionary import load_dictionary, save_dictionary
 from lmsae.errors import CheckpointError, LmsaeError
-
 from lmsae_clt.circuit_tracer import export_circuit_tracer, import_circuit_tracer
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from lmsae.records import ArchitectureSpec
 from lmsae.testing import ArchitectureContract
-
 from lmsae_clt.config import ACT_FNS, CLTConfig
 
 IN = [f"blocks.{i}.ln2.hook_normalized" for i in range(3)]
@@ -14,8 +13,8 @@ OUT = [f"blocks.{i}.hook_mlp_out" for i in range(3)]
 def variants() -> list[CLTConfig]:
     # A wide JumpReLU kernel around a threshold on the pre-activations' scale, so that one random
     # batch puts some pre-activations inside the kernel and the threshold receives gradient.
-    base = dict(hook_points_in=IN, hook_points_out=OUT, d_model=12, d_sae=16, jumprelu_init_threshold=0.5,
-                jumprelu_bandwidth=4.0)
+    base = {"hook_points_in": IN, "hook_points_out": OUT, "d_model": 12, "d_sae": 16,
+            "jumprelu_init_threshold": 0.5, "jumprelu_bandwidth": 4.0}
     out = []
     for act in ACT_FNS:
         k = 6 if act in ("layertopk", "batchlayertopk") else 3

@@ -8,7 +8,6 @@ import torch
 from lmsae.cli import main
 from lmsae.dictionary import load_dictionary
 from lmsae.errors import LmsaeError
-
 from lmsae_clt.convert import calibrate_layer_thresholds, convert_topk_to_jumprelu, reconstruction_report
 
 
@@ -60,12 +59,12 @@ def test_per_layer_l0_is_exact_on_the_calibration_tokens(make_model, raw_batch, 
     batches = [raw_batch(model, n=30, seed=s) for s in range(3)]
     for b in batches:
         b["mask"][::7] = False  # masked tokens count neither in the TopK nor in the calibration
-    converted, report = convert_topk_to_jumprelu(model, batches)
+    _, report = convert_topk_to_jumprelu(model, batches)
     assert report.calibration_tokens == sum(int(b["mask"].sum()) for b in batches)
     assert report.l0_after == pytest.approx(report.l0_before, abs=1e-9)
     assert report.l0_after == pytest.approx(report.calibration_l0, abs=1e-9)
     if act_fn != "topk":
-        assert len(set(round(v, 6) for v in report.l0_before)) > 1  # layers differ: one threshold each
+        assert len({round(v, 6) for v in report.l0_before}) > 1  # layers differ: one threshold each
 
 
 def test_thresholds_midway_between_the_last_kept_and_first_dropped_value(make_model, raw_batch):
@@ -85,7 +84,7 @@ def test_a_layer_that_never_fires_gets_a_threshold_above_every_value(make_model,
     with torch.no_grad():
         model.b_E[1].fill_(-1e3)  # layer 1 never fires
     batch = raw_batch(model, n=8)
-    converted, report = convert_topk_to_jumprelu(model, [batch])
+    _, report = convert_topk_to_jumprelu(model, [batch])
     assert report.l0_before[1] == 0 and report.l0_after[1] == 0
     assert report.thresholds[1] > 0
 

@@ -10,7 +10,6 @@ import torch
 
 from lmsae.dictionary import load_dictionary
 from lmsae.logging.loggers import read_jsonl_metrics
-
 from lmsae_clt.convert import reconstruction_report
 from lmsae_clt.model import CrossLayerTranscoder
 

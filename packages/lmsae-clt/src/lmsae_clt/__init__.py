@@ -11,5 +11,5 @@
 from lmsae_clt.config import CLTConfig
 from lmsae_clt.model import CLT_SPEC, CrossLayerTranscoder
 
-__all__ = ["CLTConfig", "CLT_SPEC", "CrossLayerTranscoder"]
+__all__ = ["CLT_SPEC", "CLTConfig", "CrossLayerTranscoder"]
 __version__ = "0.1.0"

@@ -28,7 +28,6 @@ from torch import Tensor, nn
 
 from lmsae.errors import ShapeError
 from lmsae.nn.activations import BatchTopK, JumpReLU, ReLU, TopK
-
 from lmsae_clt.config import CLTConfig
 
 __all__ = ["BatchLayerTopK", "BatchTopKPerLayer", "LayerTopK", "build_clt_activation"]

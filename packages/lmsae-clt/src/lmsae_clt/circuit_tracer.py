@@ -51,7 +51,6 @@ from safetensors.torch import load_file, save_file
 
 from lmsae.dictionary.io import write_directory_atomically
 from lmsae.errors import CheckpointError, LmsaeError
-
 from lmsae_clt.config import CLTConfig
 from lmsae_clt.model import CrossLayerTranscoder
 

@@ -56,7 +56,6 @@ def register(cli: click.Group) -> None:
         from lmsae.dictionary.io import load_dictionary, save_dictionary
         from lmsae.errors import ConfigError, DataError, LmsaeError
         from lmsae.tasks.common import model_loader, stream_builder
-
         from lmsae_clt.convert import convert_topk_to_jumprelu
         from lmsae_clt.model import CrossLayerTranscoder
 
@@ -96,7 +95,6 @@ def register(cli: click.Group) -> None:
         (config.yaml + W_enc_<i>/W_dec_<i>.safetensors)."""
         from lmsae.dictionary.io import load_dictionary
         from lmsae.errors import LmsaeError
-
         from lmsae_clt.circuit_tracer import export_circuit_tracer
         from lmsae_clt.model import CrossLayerTranscoder
 
@@ -114,7 +112,6 @@ def register(cli: click.Group) -> None:
     def import_cmd(ctx: click.Context, source_dir: pathlib.Path, output_dir: pathlib.Path) -> None:
         """Import the circuit-tracer CLT in SOURCE_DIR as an lmsae dictionary in OUTPUT_DIR."""
         from lmsae.dictionary.io import save_dictionary
-
         from lmsae_clt.circuit_tracer import import_circuit_tracer
 
         registry = ctx.find_root().obj["registry"]

@@ -32,7 +32,7 @@ import attrs
 from lmsae.config.base import DictionaryConfig
 from lmsae.config.fields import FieldValueError, config_class, in_range, non_empty, option, positive
 
-__all__ = ["ACT_FNS", "ACROSS_LAYER_ACT_FNS", "TOPK_ACT_FNS", "CLTConfig", "DEFAULT_EXPANSION_FACTOR"]
+__all__ = ["ACROSS_LAYER_ACT_FNS", "ACT_FNS", "DEFAULT_EXPANSION_FACTOR", "TOPK_ACT_FNS", "CLTConfig"]
 
 ActFn = Literal["relu", "jumprelu", "topk", "layertopk", "batchtopk", "batchlayertopk"]
 ACT_FNS: tuple[str, ...] = ("relu", "jumprelu", "topk", "layertopk", "batchtopk", "batchlayertopk")
@@ -132,10 +132,11 @@ class CLTConfig(DictionaryConfig):
         doc="Start with every cross-layer decoder (source layer i < target layer j) at zero, so the CLT starts as L "
             "per-layer transcoders and learns cross-layer writes only where they help.")
     sparse_decode_density: float = option(
-        0.05,
+        0.001,
         doc="Decode through the active features only (gathering their decoder rows) when the fraction of non-zero "
-            "feature activations is below this value; otherwise use dense matrix products. 0 = always dense. "
-            "Both paths give the same result and gradients.",
+            "feature activations is below this value; otherwise use dense matrix products. Both give the same "
+            "result. On a CPU the sparse path wins only below about 0.3% active (e.g. k = 16 of 8192 features per "
+            "layer); 0 = always dense. A JumpReLU CLT always trains densely (its threshold gradient needs it).",
         validator=in_range(0.0, 1.0))
 
     def __attrs_post_init__(self) -> None:

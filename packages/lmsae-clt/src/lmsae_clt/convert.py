@@ -37,7 +37,6 @@ import torch
 from torch import Tensor
 
 from lmsae.errors import DataError, LmsaeError
-
 from lmsae_clt.config import TOPK_ACT_FNS
 from lmsae_clt.model import CrossLayerTranscoder
 
@@ -143,8 +142,8 @@ class ConversionReport:
 
     def lines(self) -> list[str]:
         """A human-readable table."""
-        out = [f"converted act_fn={self.act_fn_before!r} -> 'jumprelu' (thresholds calibrated on "
-               f"{self.calibration_tokens:,} tokens; metrics on {self.eval_tokens:,} tokens)",
+        out = [(f"converted act_fn={self.act_fn_before!r} -> 'jumprelu' (thresholds calibrated on "
+                f"{self.calibration_tokens:,} tokens; metrics on {self.eval_tokens:,} tokens)"),
                f"{'layer':>5}  {'threshold':>10}  {'L0 before':>9}  {'L0 after':>8}  {'EV before':>9}  {'EV after':>8}"]
         for i, th in enumerate(self.thresholds):
             out.append(f"{i:>5}  {th:>10.4g}  {self.l0_before[i]:>9.2f}  {self.l0_after[i]:>8.2f}  "

@@ -17,6 +17,8 @@ position where this backend put it, EOS is kept unless ``mask_eos`` is set.
 
 from __future__ import annotations
 
+import threading
+
 import difflib
 import hashlib
 import logging
@@ -309,6 +311,9 @@ class TransformerLensModel:
 
     def __init__(self, hooked: Any, tokenizer: Any, config: TransformerLensConfig, name: str):
         self.hooked = hooked
+        # TransformerLens hooks are module state: two forward passes with hooks from different
+        # threads (a prefetching training stream and an evaluation) would see each other's hooks
+        self._forward_lock = threading.RLock()
         self.tokenizer = tokenizer
         self.config = config
         self.name = name
@@ -493,7 +498,7 @@ class TransformerLensModel:
         def save(act: Tensor, hook: Any) -> None:
             cache[hook.name] = act.reshape(*act.shape[:2], -1)
 
-        with torch.no_grad():
+        with self._forward_lock, torch.no_grad():
             self.hooked.run_with_hooks(tokens, fwd_hooks=[(h, save) for h in wanted], return_type=None,
                                        stop_at_layer=stop_at_layer_for(wanted),
                                        attention_mask=self._forward_mask(attention_mask))
@@ -523,7 +528,7 @@ class TransformerLensModel:
         """Logits ``(batch, context, d_vocab)`` (no gradients); each ``replacements[hook](act, hook)``
         receives the flattened ``(batch, context, d)`` activation and returns its replacement."""
         tokens, attention_mask = self._check_tokens(tokens, attention_mask)
-        with torch.no_grad():
+        with self._forward_lock, torch.no_grad():
             return self.hooked.run_with_hooks(tokens, fwd_hooks=self._replacement_hooks(replacements),
                                               return_type="logits",
                                               attention_mask=self._forward_mask(attention_mask))

@@ -219,7 +219,12 @@ def run(cfg: TrainRunConfig, context: RunContext) -> TrainResult:
         trainer.load_state_dict(trainer_state)
         stream.load_state_dict(stream_state)
     try:
-        result = trainer.fit(stream, resumed=trainer_state is not None, stream_state=stream.state_dict)
+        try:
+            result = trainer.fit(stream, resumed=trainer_state is not None, stream_state=stream.state_dict)
+        finally:
+            close = getattr(stream, "close", None)
+            if callable(close):
+                close()  # stop a prefetching thread before the model is used for evaluation
         final = evaluate_reconstruction(model, make_eval(), eval_tokens, device=device) if make_eval else {}
         summary = _summary(result, final, time.monotonic() - start)
         loggers.log_summary(summary)
