@@ -115,8 +115,11 @@ def crosscoder_run(out: pathlib.Path, **dictionary) -> dict:
 # --- tests --------------------------------------------------------------------------------------------
 
 
-def test_crosscoder_recovers_shared_and_head_specific_features(registry, tmp_path):
-    result = run_train(registry, crosscoder_run(tmp_path, init="independent"))
+@pytest.mark.parametrize("init", ["identical", "independent"])
+def test_crosscoder_recovers_shared_and_head_specific_features(registry, tmp_path, init):
+    data = crosscoder_run(tmp_path, init=init)
+    data["trainer"].update(auxk_coefficient=0.03, dead_threshold_tokens=5000)
+    result = run_train(registry, data)
     assert result.reason == "completed"
     model = load_dictionary(tmp_path, registry)
     assert isinstance(model, Crosscoder)

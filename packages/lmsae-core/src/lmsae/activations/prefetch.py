@@ -69,6 +69,10 @@ class PrefetchingStream:
                 yield item
         finally:
             stop.set()
+            # wait for the producer to leave its current batch: it may be inside a forward pass
+            # of a language model that the caller is about to use
+            if self._thread is not None and self._thread is not threading.current_thread():
+                self._thread.join(timeout=60)
 
     def state_dict(self) -> dict[str, Any]:
         """Position after the last batch handed out (the wrapped stream's own state before that)."""

@@ -122,6 +122,11 @@ def load_dictionary(directory: str | os.PathLike, registry: Registry, *, device:
         tensors = load_file(str(path))
     except (SafetensorError, OSError) as exc:
         raise CheckpointError(f"{path}: cannot read weights ({exc})") from None
+    if dtype is None:
+        # keep the stored precision (a float64 dictionary must not come back as float32)
+        stored = {v.dtype for v in tensors.values() if v.is_floating_point()}
+        if len(stored) == 1:
+            model.to(dtype=stored.pop())
     expected = model.state_dict()
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
