@@ -403,6 +403,7 @@ class Trainer:
                    mininterval=0.1 if interactive else 10.0)
         reason: str = "completed"
         batch: Mapping[str, Any] | None = first
+        ctx: dict[str, Any] | None = None
         try:
             while self.step < self.total_steps:
                 if batch is None:
@@ -434,6 +435,12 @@ class Trainer:
                     break
         finally:
             bar.close()
+        if ctx is not None and self.window.n_batches:
+            # a run that stopped between two logging steps still reports its last window
+            self.last_metrics = self.window_metrics(ctx)
+            self.window.reset()
+            if self.loggers is not None:
+                self.loggers.log(self.step, self.last_metrics)
         message = {"completed": f"trained {self.step} steps ({self.tokens:,} tokens)",
                    "stopped": f"stopped at step {self.step}/{self.total_steps}: {self._stop_reason}",
                    "stream_exhausted": f"the activation stream ended after {self.step} of {self.total_steps} steps "
