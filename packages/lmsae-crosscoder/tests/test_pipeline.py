@@ -42,8 +42,6 @@ def run(registry, data: dict) -> tuple[object, str]:
 
 
 def test_train_evaluate_analyze_attribute(registry, tmp_path, capsys):
-    if not {"evaluate", "analyze", "attribute-logits"} <= set(registry.names("task")):
-        pytest.skip("the core's evaluate / analyze / attribute-logits tasks are not installed")
     cc = tmp_path / "cc"
     result, _ = run(registry, {
         "task": "train", "output_dir": str(cc), "device": "cpu", "loggers": [{"type": "jsonl"}], "model": MODEL,
