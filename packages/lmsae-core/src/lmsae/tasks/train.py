@@ -316,10 +316,14 @@ def example(registry: Any, architecture: str | None = None) -> TrainRunConfig:
     if len(set(d.values())) != 1 or len(hooks) > 2:
         raise LmsaeError(f"architecture {arch!r} needs a hand-written activations section (several hook widths)")
     width = next(iter(d.values()))
+    sequences = bool(getattr(registry.architecture(arch).model_class, "needs_sequences", False))
     source = SyntheticSourceConfig(d_model=width, n_features=4 * width, mean_active=4.0, hook_point=hooks[0],
-                                   hook_point_out=hooks[1] if len(hooks) > 1 else None)
+                                   hook_point_out=hooks[1] if len(hooks) > 1 else None,
+                                   context_size=16 if sequences else None, batch_size=64 if sequences else 1024)
+    activations = (ActivationsConfig(sources=[source], layout="sequences", batch_size=64) if sequences
+                   else ActivationsConfig(sources=[source], batch_size=1024))
     return TrainRunConfig(dictionary=dictionary,
-                          activations=ActivationsConfig(sources=[source], batch_size=1024),
+                          activations=activations,
                           trainer=StandardTrainerConfig(total_training_tokens=1_000_000),
                           output_dir=pathlib.Path(f"runs/{arch}"))
 
