@@ -89,10 +89,9 @@ class MemoryStore(Store):
         self.analyses, self.logits, self.interps, self.evals = {}, {}, {}, {}
         self.closed = False
 
-    def put_language_model(self, record): self.models[record.name] = record
-    def get_language_model(self, name): return self.models.get(name)
-    def put_dataset(self, record): self.datasets[record.name] = record
-    def get_dataset(self, name): return self.datasets.get(name)
+    def _table(self, table): return self.models if table == "language_models" else self.datasets
+    def _put_named(self, table, record): self._table(table)[record.name] = record
+    def _get_named(self, table, name): return self._table(table).get(name)
     def put_dictionary(self, record): self.dicts[(record.name, record.series)] = record
     def get_dictionary(self, name, series="default"): return self.dicts.get((name, series))
 

@@ -61,17 +61,14 @@ class FakeStore(Store):
         self.evaluations: dict[tuple[str, str], list[EvaluationRecord]] = {}
         self.closed = False
 
-    def put_language_model(self, record: NamedConfigRecord) -> None:
-        self.models[record.name] = record
+    def _table(self, table: str) -> dict[str, NamedConfigRecord]:
+        return self.models if table == "language_models" else self.datasets
 
-    def get_language_model(self, name: str) -> NamedConfigRecord | None:
-        return self.models.get(name)
+    def _put_named(self, table: str, record: NamedConfigRecord) -> None:
+        self._table(table)[record.name] = record
 
-    def put_dataset(self, record: NamedConfigRecord) -> None:
-        self.datasets[record.name] = record
-
-    def get_dataset(self, name: str) -> NamedConfigRecord | None:
-        return self.datasets.get(name)
+    def _get_named(self, table: str, name: str) -> NamedConfigRecord | None:
+        return self._table(table).get(name)
 
     def put_dictionary(self, record: DictionaryRecord) -> None:
         self.dictionaries[(record.name, record.series)] = record

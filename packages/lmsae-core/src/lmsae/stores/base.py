@@ -144,17 +144,26 @@ class Store(abc.ABC):
 
     # --- language models and datasets ---------------------------------------------------------
 
-    @abc.abstractmethod
-    def put_language_model(self, record: NamedConfigRecord) -> None: ...
+    # Both kinds are a name and a config; a backend stores them in two tables/collections
+    # named "language_models" and "datasets" through these two primitives.
 
     @abc.abstractmethod
-    def get_language_model(self, name: str) -> NamedConfigRecord | None: ...
+    def _put_named(self, table: str, record: NamedConfigRecord) -> None: ...
 
     @abc.abstractmethod
-    def put_dataset(self, record: NamedConfigRecord) -> None: ...
+    def _get_named(self, table: str, name: str) -> NamedConfigRecord | None: ...
 
-    @abc.abstractmethod
-    def get_dataset(self, name: str) -> NamedConfigRecord | None: ...
+    def put_language_model(self, record: NamedConfigRecord) -> None:
+        self._put_named("language_models", record)
+
+    def get_language_model(self, name: str) -> NamedConfigRecord | None:
+        return self._get_named("language_models", name)
+
+    def put_dataset(self, record: NamedConfigRecord) -> None:
+        self._put_named("datasets", record)
+
+    def get_dataset(self, name: str) -> NamedConfigRecord | None:
+        return self._get_named("datasets", name)
 
     # --- dictionaries ---------------------------------------------------------------------
 

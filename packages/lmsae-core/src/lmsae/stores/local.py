@@ -291,18 +291,6 @@ class LocalStore(Store):
             return None
         return NamedConfigRecord(name=name, config=decode_document(row[0], row[1]))
 
-    def put_language_model(self, record: NamedConfigRecord) -> None:
-        self._put_named("language_models", record)
-
-    def get_language_model(self, name: str) -> NamedConfigRecord | None:
-        return self._get_named("language_models", name)
-
-    def put_dataset(self, record: NamedConfigRecord) -> None:
-        self._put_named("datasets", record)
-
-    def get_dataset(self, name: str) -> NamedConfigRecord | None:
-        return self._get_named("datasets", name)
-
     # --- dictionaries ---------------------------------------------------------------------
 
     def put_dictionary(self, record: DictionaryRecord) -> None:
