@@ -253,3 +253,53 @@ def test_performance_smoke():
                         torch.ones(B, T, dtype=torch.bool), [{"i": step * B + i} for i in range(B)])
     out = analyzer.finish()
     assert len(out) == F and sum(r.act_count for r in out) > 0
+
+
+def test_sample_extras_are_computed_for_kept_samples_only_and_stored_with_them(stream):
+    """The callback sees (batch sequence, feature, peak token) of each newly kept sample; every
+    kept sample carries the row computed for it (checked against the sample's own data)."""
+    acts, tokens, mask, metas = stream
+    calls = []
+    analyzer = FeatureAnalyzer(24, n_top=5, n_per_quantile=3, histogram_bins=16, seed=3)
+    batch = 8
+    for s in range(0, acts.shape[0], batch):
+        def extras(seq, feat, pos, s=s):
+            calls.append(len(seq))
+            doc = torch.as_tensor(seq) + s  # document index of the sequence in the stream
+            # only firing (sequence, feature) pairs, at their peak token
+            fired = acts[doc, :, torch.as_tensor(feat)] * mask[doc]
+            assert bool((fired.amax(1) > 0).all())
+            torch.testing.assert_close(fired[torch.arange(len(doc)), torch.as_tensor(pos)], fired.amax(1))
+            token = tokens[doc, torch.as_tensor(pos)]
+            return {"where": torch.stack([doc, torch.as_tensor(feat), torch.as_tensor(pos)], 1).to(torch.int32),
+                    "token": token.numpy()}
+        analyzer.update(acts[s:s + batch], tokens[s:s + batch], mask[s:s + batch], metas[s:s + batch],
+                        sample_extras=extras)
+    result = analyzer.finish()
+    kept = 0
+    for r in result:
+        for sampling in r.samplings:
+            for sample in sampling.samples:
+                doc, feat, pos = (int(v) for v in sample.extras["where"])
+                assert doc == sample.meta["document_index"] and feat == r.index
+                assert sample.activations[pos] == sample.activations.max() > 0  # the peak token
+                assert int(sample.extras["token"]) == int(sample.tokens[pos])
+                assert sample.extras["where"].dtype == np.int32
+                kept += 1
+    assert kept > 0 and sum(calls) >= kept
+
+
+def test_sample_extras_errors_are_plugin_errors(stream):
+    from lmsae.errors import PluginError
+
+    acts, tokens, mask, metas = stream
+    a = FeatureAnalyzer(24, n_top=2, n_per_quantile=0)
+    with pytest.raises(PluginError, match="one row per sample"):
+        a.update(acts[:4], tokens[:4], mask[:4], sample_extras=lambda s, f, p: {"x": np.zeros((1, 2))})
+    a = FeatureAnalyzer(24, n_top=2, n_per_quantile=0)
+    with pytest.raises(PluginError, match="dict of arrays"):
+        a.update(acts[:4], tokens[:4], mask[:4], sample_extras=lambda s, f, p: [1, 2])
+    a = FeatureAnalyzer(24, n_top=2, n_per_quantile=0)
+    a.update(acts[:4], tokens[:4], mask[:4], sample_extras=lambda s, f, p: {"x": np.zeros((len(s), 2))})
+    with pytest.raises(PluginError, match="changed from"):
+        a.update(acts[4:40], tokens[4:40], mask[4:40], sample_extras=lambda s, f, p: {"x": np.zeros((len(s), 3))})

@@ -670,3 +670,24 @@ def test_report_from_the_dictionarys_tokenizer(store, tmp_path):
     path = tmp_path / "site" / "features" / "0.html"
     assert parse(path).contexts == ["a <b>"]
     assert '<span class="on pk" style="--a:1.000" title="1.00">&lt;</span>b&gt;' in path.read_text()
+
+
+def test_sparse_sample_extras_are_shown_as_the_tokens_they_point_at(tmp_path, decoder):
+    """Lorsa-style z-patterns (``<name>_positions`` -1 padded + ``<name>_values``) appear under a
+    context in the terminal and in the HTML report, as the tokens at those positions."""
+    store = populate(FakeStore())
+    base = analysis_of(1)
+    z = sample(["The", " cat", " sat", " on", " <script>"], [0, 0, 2.0, 0, 0], dataset="toy")
+    z = Sample(tokens=z.tokens, activations=z.activations, meta=z.meta,
+               extras={"z_pattern_positions": np.array([1, 2, 4, -1], dtype=np.int32),
+                       "z_pattern_values": np.array([1.5, 0.25, -0.125, 0.0], dtype=np.float32)})
+    analysis = FeatureAnalysis(index=1, act_count=base.act_count, n_tokens=base.n_tokens, max_activation=2.0,
+                               histogram_counts=base.histogram_counts, histogram_edges=base.histogram_edges,
+                               samplings=[Sampling("top_activations", [z])])
+    store.put_feature_analyses(NAME, "default", "default", [analysis])
+    out = render_feature(load_feature_view(store, NAME, 1), decoder, color=False)
+    assert "z_pattern: ' cat'@1 1.50, ' sat'@2 0.25, ' <script>'@4 -0.12" in out
+    make_report(store, tmp_path / "site")
+    page = (tmp_path / "site" / "features" / "1.html").read_text()
+    assert ('<div class="reads muted">z_pattern: <code> cat</code>@1 1.50, <code> sat</code>@2 0.25, '
+            '<code> &lt;script&gt;</code>@4 -0.12</div>') in page

@@ -10,7 +10,12 @@ keeps, for every feature at once (vectorised over features, no Python loop per f
 - ``top_activations``: the ``n_top`` sequences with the highest peak (largest activation over the
   sequence's unmasked tokens); equal peaks are ordered by position in the stream (earlier first);
 - stratified samples ``quantile_<lo>-<hi>``: up to ``n_per_quantile`` sequences whose peak lies
-  in ``(lo * M, hi * M]`` where ``M`` is the feature's **final** maximum.
+  in ``(lo * M, hi * M]`` where ``M`` is the feature's **final** maximum;
+- optional per-sample extras: when ``update`` gets a ``sample_extras`` callback (an
+  architecture's :meth:`~lmsae.dictionary.SparseDictionary.sample_extras`, e.g. Lorsa's
+  z-patterns), it is called for the samples entering a kept slot in that batch only, and its
+  rows are stored with the slot (``Sample.extras``): computed in the same pass, never by
+  re-reading the stream.
 
 The reference system's "non_activating" sample compared peaks with a *running* maximum, so what
 it kept depended on the order of the stream. Here every candidate keeps its own peak; when the
@@ -38,7 +43,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -167,6 +172,8 @@ class FeatureAnalyzer:
         self._tokens: dict[int, np.ndarray] = {}
         self._meta: dict[int, dict[str, Any]] = {}
         self._prune_at = 1024
+        # per-sample extras: slot kind ("top" / "quantile") -> name -> (F, slots, ...) array
+        self._extras: dict[str, dict[str, Tensor]] = {"top": {}, "quantile": {}}
 
     # --- state ---------------------------------------------------------------------------
 
@@ -206,7 +213,8 @@ class FeatureAnalyzer:
 
     @torch.no_grad()
     def update(self, acts: Tensor, tokens: Tensor, mask: Tensor | None = None,
-               meta: Sequence[Mapping[str, Any]] | None = None) -> None:
+               meta: Sequence[Mapping[str, Any]] | None = None,
+               sample_extras: Callable[[Tensor, Tensor, Tensor], Mapping[str, Any] | None] | None = None) -> None:
         """Add a batch of sequences.
 
         Args:
@@ -215,6 +223,11 @@ class FeatureAnalyzer:
             mask: ``(B, T)`` bool, True on tokens to analyse (None: all); masked tokens count
                 nowhere and are 0 in the stored activation rows.
             meta: one dict per sequence (where it came from), stored with its samples.
+            sample_extras: ``fn(sequence_indices, feature_indices, positions)`` for K samples of
+                this batch entering a kept slot (sequence index within the batch, feature, peak
+                token) returning ``{name: array (K, ...)}`` or None; every call must return the
+                same names with the same trailing shapes. Called at most once per
+                ``extras_chunk`` samples.
         """
         if acts.ndim != 3 or acts.shape[-1] != self.n_features:
             raise ShapeError(f"activations must be (batch, context, {self.n_features}), got {tuple(acts.shape)}")
@@ -272,9 +285,9 @@ class FeatureAnalyzer:
             out[row[hit], position[hit]] = values[hit]
             return out
 
-        self._update_top(peaks, rows, ids)
+        self._update_top(peaks, rows, ids, sample_extras)
         if self.n_per_quantile:
-            self._update_quantiles(peaks, rows, ids, old_max, new_max)
+            self._update_quantiles(peaks, rows, ids, old_max, new_max, sample_extras)
         self.n_sequences += B
         self._remember(tokens, meta, base, B)
 
@@ -305,7 +318,43 @@ class FeatureAnalyzer:
         slots = free_slot[f_idx, rank[f_idx, b_idx]]
         return f_idx, b_idx, slots
 
-    def _update_top(self, peaks: Tensor, rows: Any, ids: Tensor) -> None:
+    #: most samples passed to one ``sample_extras`` call
+    extras_chunk = 4096
+
+    def _store_extras(self, kind: str, fn: Any, f_idx: Tensor, b_idx: Tensor, slots: Tensor,
+                      new_rows: Tensor) -> None:
+        """Compute ``fn``'s extras for newly kept samples and store them in their slots."""
+        if fn is None or f_idx.numel() == 0:
+            return
+        positions = new_rows.argmax(dim=1)  # the peak token (first one on ties)
+        n_slots = self.top_peak.shape[1] if kind == "top" else self.q_peak.shape[1]
+        store = self._extras[kind]
+        for start in range(0, f_idx.numel(), self.extras_chunk):
+            part = slice(start, start + self.extras_chunk)
+            result = fn(b_idx[part], f_idx[part], positions[part])
+            if result is None:
+                continue
+            if not isinstance(result, Mapping):
+                raise PluginError(f"sample_extras must return a dict of arrays or None, got {type(result).__name__}")
+            K = f_idx[part].numel()
+            if store and set(result) != set(store):
+                raise PluginError(f"sample_extras returned entries {sorted(result)}, earlier calls {sorted(store)}")
+            for name, value in result.items():
+                value = torch.as_tensor(np.asarray(value.detach().cpu() if isinstance(value, Tensor) else value))
+                if value.ndim < 1 or value.shape[0] != K:
+                    raise PluginError(f"sample_extras entry {name!r} has shape {tuple(value.shape)}; expected "
+                                      f"({K}, ...) (one row per sample)")
+                value = value.to(self.device)
+                if name not in store:
+                    store[name] = torch.zeros((self.n_features, n_slots, *value.shape[1:]), dtype=value.dtype,
+                                              device=self.device)
+                target = store[name]
+                if tuple(target.shape[2:]) != tuple(value.shape[1:]) or target.dtype != value.dtype:
+                    raise PluginError(f"sample_extras entry {name!r} changed from {tuple(target.shape[2:])} "
+                                      f"{target.dtype} to {tuple(value.shape[1:])} {value.dtype} per sample")
+                target[f_idx[part], slots[part]] = value
+
+    def _update_top(self, peaks: Tensor, rows: Any, ids: Tensor, extras_fn: Any = None) -> None:
         F, n = self.top_peak.shape
         B = peaks.shape[1]
         fresh = peaks.masked_fill(peaks <= 0, -math.inf)  # (F, B); a feature that did not fire is no candidate
@@ -326,10 +375,12 @@ class FeatureAnalyzer:
         f_idx, b_idx, slots = self._fill_slots(kept_old, kept_new)
         self.top_peak[f_idx, slots] = fresh[f_idx, b_idx]
         self.top_id[f_idx, slots] = ids[b_idx]
-        self.top_rows[f_idx, slots] = rows(b_idx, f_idx)
+        new_rows = rows(b_idx, f_idx)
+        self.top_rows[f_idx, slots] = new_rows
+        self._store_extras("top", extras_fn, f_idx, b_idx, slots, new_rows)
 
     def _update_quantiles(self, peaks: Tensor, rows: Any, ids: Tensor, old_max: Tensor,
-                          new_max: Tensor) -> None:
+                          new_max: Tensor, extras_fn: Any = None) -> None:
         F, S = self.q_peak.shape
         B, n, nb = peaks.shape[1], self.n_per_quantile, self.n_bands
         dev = self.device
@@ -375,7 +426,9 @@ class FeatureAnalyzer:
         self.q_peak[f_idx, slots] = peaks[f_idx, b_idx]
         self.q_key[f_idx, slots] = keys[f_idx, b_idx]
         self.q_id[f_idx, slots] = ids[b_idx]
-        self.q_rows[f_idx, slots] = rows(b_idx, f_idx)
+        new_rows = rows(b_idx, f_idx)
+        self.q_rows[f_idx, slots] = new_rows
+        self._store_extras("quantile", extras_fn, f_idx, b_idx, slots, new_rows)
 
     def _slot_ids(self) -> Tensor:
         ids = [self.top_id.reshape(-1)]
@@ -416,6 +469,8 @@ class FeatureAnalyzer:
         max_act = self.max_activation.cpu().numpy()
         hist = self.histogram.reshape(F, n_bins).cpu().numpy()
         top_peak, top_id, top_rows = (t.cpu().numpy() for t in (self.top_peak, self.top_id, self.top_rows))
+        top_extras = {k: v.cpu().numpy() for k, v in self._extras["top"].items()}
+        q_extras = {k: v.cpu().numpy() for k, v in self._extras["quantile"].items()}
         names = [quantile_sampling_name(lo, hi) for lo, hi in itertools.pairwise(self.quantile_edges)]
         if self.n_per_quantile:
             q_band = self._bands(self.q_peak, self.max_activation).masked_fill_(self.q_id < 0, -1).cpu().numpy()
@@ -426,23 +481,25 @@ class FeatureAnalyzer:
             samplings: list[Sampling] = []
             if act_count[f] > 0:
                 samplings.append(Sampling(TOP_SAMPLING, self._samples(top_peak[f], top_id[f], top_rows[f],
-                                                                      top_id[f] >= 0)))
+                                                                      top_id[f] >= 0, top_extras, f)))
                 if self.n_per_quantile:
                     for j, name in enumerate(names):
                         samplings.append(Sampling(name, self._samples(q_peak[f], q_id[f], q_rows[f],
-                                                                      q_band[f] == j)))
+                                                                      q_band[f] == j, q_extras, f)))
             out.append(FeatureAnalysis(
                 index=f, act_count=int(act_count[f]), n_tokens=int(self.n_tokens),
                 max_activation=float(max_act[f]), histogram_counts=hist[f].copy(), histogram_edges=edges,
                 samplings=samplings))
         return out
 
-    def _samples(self, peak: np.ndarray, ids: np.ndarray, rows: np.ndarray, select: np.ndarray) -> list[Sample]:
+    def _samples(self, peak: np.ndarray, ids: np.ndarray, rows: np.ndarray, select: np.ndarray,
+                 extras: Mapping[str, np.ndarray], feature: int) -> list[Sample]:
         slots = np.flatnonzero(select)
         # highest peak first, then earliest in the stream
         slots = slots[np.lexsort((ids[slots], -peak[slots]))]
         return [Sample(tokens=self._tokens[int(ids[s])], activations=rows[s].copy(),
-                       meta=dict(self._meta[int(ids[s])])) for s in slots]
+                       meta=dict(self._meta[int(ids[s])]),
+                       extras={k: v[feature, s].copy() for k, v in extras.items()}) for s in slots]
 
 
 def attach_extras(analyses: Sequence[FeatureAnalysis], extras_fn: Any, model: Any) -> list[FeatureAnalysis]:
@@ -493,12 +550,20 @@ def analyze_stream(model: Any, stream: Iterable[Mapping[str, Any]], *, n_tokens:
 
     Stops once ``n_tokens`` token positions (masked ones included) have been read, cutting the last
     batch to whole sequences. Returns one :class:`FeatureAnalysis` per feature.
+    Architectures that override :meth:`~lmsae.dictionary.SparseDictionary.sample_extras` (Lorsa's
+    z-patterns) get it called for the samples each batch adds to the kept contexts; the rows are
+    stored in ``Sample.extras``.
     """
     device = torch.device(device)
     model.eval()
     kwargs = dict(analyzer_kwargs or {})
     kwargs.setdefault("device", device)
     analyzer = FeatureAnalyzer(model.n_features, **kwargs)
+    # only architectures that override the contract's default compute per-sample extras
+    from lmsae.dictionary.base import SparseDictionary
+
+    own = getattr(type(model), "sample_extras", None)
+    wants_extras = own is not None and own is not SparseDictionary.sample_extras
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -526,7 +591,12 @@ def analyze_stream(model: Any, stream: Iterable[Mapping[str, Any]], *, n_tokens:
             mask = batch.get("mask")
             x, extras = model.prepare_input(model.normalize(batch))
             acts = model.analysis_activations(model.encode(x, mask=mask, **extras), x)
-            analyzer.update(acts, batch["tokens"], mask, None if meta is None else list(meta)[:take])
+            callback = None
+            if wants_extras:
+                def callback(seq: Tensor, feat: Tensor, pos: Tensor, x: Tensor = x, acts: Tensor = acts) -> Any:
+                    return model.sample_extras(x, acts, seq, feat, pos)
+            analyzer.update(acts, batch["tokens"], mask, None if meta is None else list(meta)[:take],
+                            sample_extras=callback)
             seen += take * T
             if bar is not None:
                 bar.update(take * T)

@@ -181,6 +181,19 @@ class SparseDictionary(nn.Module):
             out = out.max(dim=-2).values
         return out
 
+    def sample_extras(self, x: Tensor, acts: Tensor, sequence_indices: Tensor, feature_indices: Tensor,
+                      positions: Tensor) -> Mapping[str, Any] | None:
+        """Optional per-sample analysis extras, computed in the analysis pass.
+
+        Called by :class:`~lmsae.analysis.FeatureAnalyzer` with the prepared input ``x`` and the
+        analysis activations ``acts`` ``(B, T, F)`` of the current batch whenever K samples enter
+        a feature's kept contexts: sample k is sequence ``sequence_indices[k]`` of the batch,
+        feature ``feature_indices[k]``, peak token ``positions[k]``. Return ``{name: array (K, ...)}``
+        (fixed trailing shape and dtype per name, e.g. padded sparse entries); each kept sample
+        stores its row in ``Sample.extras``. Default: None (no per-sample extras, not called).
+        """
+        return None
+
     def decoder_directions(self) -> dict[str, Tensor]:
         """Each feature's write direction in raw space per output hook: ``{hook: (n_features, d)}``.
 

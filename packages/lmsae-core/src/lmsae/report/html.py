@@ -50,6 +50,7 @@ from lmsae.report.text import (
     format_number,
     load_feature_view,
     n_features_of,
+    sparse_extras,
     tokenizer_for_dictionary,
     visible,
     window_bounds,
@@ -400,8 +401,12 @@ def _sampling_html(name: str, samples: Sequence[Any], decoder: TokenDecoder, sca
         start, end = window_bounds(len(full.tokens), full.peak, window)
         meta = describe_meta(full.meta)
         title = f' title="{esc(meta)}"' if meta else ""
+        reads = "".join(
+            f'<div class="reads muted">{esc(name)}: '
+            + ", ".join(f'<code>{esc(text)}</code>@{pos} {esc(format_activation(value))}' for text, pos, value in entries)
+            + "</div>" for name, entries in sparse_extras(sample, decoder))
         items.append(f'<li{title}><span class="pv">{esc(format_activation(full.peak_value))}</span>'
-                     f'<span class="ctx">{context_html(full, start, end, scale)}</span></li>')
+                     f'<span class="ctx">{context_html(full, start, end, scale)}</span>{reads}</li>')
     body = f'<ol class="ctxs">{"".join(items)}</ol>' if items else '<p class="muted">no samples</p>'
     anchor = "s-" + "".join(ch if ch.isalnum() or ch in "-_." else "-" for ch in name)
     return (f'<div class="sampling" id="{esc(anchor)}"><h3>{esc(name)} '

@@ -21,6 +21,7 @@ from lmsae.report.text import (
     format_activation,
     format_density,
     format_number,
+    sparse_extras,
     visible,
 )
 
@@ -135,6 +136,9 @@ def render_feature(view: FeatureView, decoder: TokenDecoder, *, color: bool = Fa
         for sample in top.samples[:samples]:
             ctx = context_window(sample, decoder, window)
             lines.append(f"{format_activation(ctx.peak_value):>7}  {render_context(ctx, scale, color=color)}")
+            for name, entries in sparse_extras(sample, decoder):
+                reads = ", ".join(f"{text!r}@{pos} {format_activation(value)}" for text, pos, value in entries)
+                lines.append(_style(f"{'':>7}  {name}: {reads}", DIM, color))
     others = [s for s in samplings if s is not top]
     if others:
         lines.append("")

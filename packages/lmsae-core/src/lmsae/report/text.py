@@ -307,6 +307,31 @@ def context_window(sample: Sample, decoder: TokenDecoder, window: int | None) ->
                    peak=peak - start, cut_left=start > 0, cut_right=end < n, meta=dict(sample.meta))
 
 
+def sparse_extras(sample: Sample, decoder: TokenDecoder, limit: int = 5) -> list[tuple[str, list[tuple[str, int, float]]]]:
+    """Per-sample sparse extras as ``[(name, [(token text, position, value), ...])]``.
+
+    A pair of extras ``<name>_positions`` (int, -1 padded) and ``<name>_values`` (e.g. Lorsa's
+    ``z_pattern``: which source tokens the feature read at its peak) is shown as the tokens at
+    those positions with their values, at most ``limit`` per pair, in stored order.
+    """
+    out = []
+    ids = np.asarray(sample.tokens).reshape(-1)
+    for key in sorted(sample.extras):
+        if not key.endswith("_positions"):
+            continue
+        name = key[: -len("_positions")]
+        values = sample.extras.get(f"{name}_values")
+        if values is None:
+            continue
+        pos = np.asarray(sample.extras[key]).reshape(-1)
+        val = np.asarray(values, dtype=np.float64).reshape(-1)
+        entries = [(visible(decoder.token(int(ids[p]))), int(p), float(v))
+                   for p, v in zip(pos, val) if 0 <= p < len(ids)][:limit]
+        if entries:
+            out.append((name, entries))
+    return out
+
+
 def describe_meta(meta: dict[str, Any]) -> str:
     """Where a context came from, on one line (``dataset=wiki document_index=3``)."""
     return " ".join(f"{k}={visible(str(v))}" for k, v in meta.items())
@@ -418,5 +443,5 @@ __all__ = [
     "TOP_SAMPLING", "Context", "FeatureView", "IdTokenizer", "TokenDecoder", "activation_level",
     "analysis_or_error", "bytes_text", "check_feature_index", "clean_token_string", "closest_index", "context_window",
     "describe_meta", "format_activation", "format_density", "format_number", "load_feature_view",
-    "n_features_of", "tokenizer_for", "tokenizer_for_dictionary", "visible", "window_bounds",
+    "n_features_of", "sparse_extras", "tokenizer_for", "tokenizer_for_dictionary", "visible", "window_bounds",
 ]

@@ -32,7 +32,7 @@ from lmsae.config import (
 from lmsae.dictionary.base import SparseDictionary
 from lmsae.config.fields import FieldValueError, non_negative, positive
 from lmsae.dictionary.io import PretrainedConfig, load_dictionary, save_dictionary
-from lmsae.errors import LmsaeError
+from lmsae.errors import ConfigError, LmsaeError
 from lmsae.logging.loggers import ConsoleLoggerConfig, JsonlLoggerConfig, LoggerContext, MultiLogger
 from lmsae.records import TaskSpec
 from lmsae.runtime import RunContext
@@ -123,6 +123,14 @@ class TrainRunConfig(RunConfig):
                 raise FieldValueError("after_training", "analysis, logit attribution and splicing need the "
                                                         "language model: add a [model] table")
 
+        if self.initializer.from_language_model:
+            if self.pretrained is not None:
+                raise FieldValueError("initializer", "from_language_model = true initialises a new dictionary; "
+                                                     "a [pretrained] one keeps its weights (remove one of them)")
+            if self.model is None:
+                raise FieldValueError("initializer", "from_language_model = true needs the language model: "
+                                                     "add a [model] table")
+
     def dictionary_config(self, registry: Any) -> DictionaryConfig:
         """The architecture config: the [dictionary] table, or the one stored with the pretrained dictionary."""
         if self.dictionary is not None:
@@ -183,6 +191,10 @@ def run(cfg: TrainRunConfig, context: RunContext) -> TrainResult:
             context.echo(f"continuing from the pretrained dictionary {cfg.pretrained.path}")
         else:
             model = build_model(context, dict_config, dtype)
+            if cfg.initializer.from_language_model and not callable(
+                    getattr(model, "initialize_from_language_model", None)):
+                raise ConfigError([f"$.initializer.from_language_model: architecture {dict_config.name!r} cannot "
+                                   "initialise from a language model (it has no initialize_from_language_model)"])
         trainer_state = stream_state = None
         need_norms = model.config.normalization == "dataset" and not model.config.dataset_norms
         n_calib = cfg.trainer.calibration_batches if isinstance(cfg.trainer, StandardTrainerConfig) else 8
@@ -202,6 +214,14 @@ def run(cfg: TrainRunConfig, context: RunContext) -> TrainResult:
                                                          for k, v in calibration[0].items()})
             if report:
                 log.info("initialisation: %s", report)
+            if cfg.initializer.from_language_model:
+                raw = {k: (v.to(dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() else v)
+                       for k, v in calibration[0].items()}
+                generator = torch.Generator().manual_seed(cfg.initializer.seed)
+                lm_report = model.initialize_from_language_model(lm(), raw, generator) or {}
+                shown = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                                  for k, v in lm_report.items() if isinstance(v, (int, float, str)))
+                context.echo(f"initialised from the language model{': ' + shown if shown else ''}")
 
     run_name = cfg.run_name or out.resolve().name
     plain = registry.unstructure(cfg)

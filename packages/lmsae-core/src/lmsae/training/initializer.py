@@ -89,6 +89,11 @@ class InitializerConfig(Config):
         doc="Put the decoder rows inside the top-d principal subspace of the normalised labels (d = this "
             "value), useful for low-rank activations such as attention outputs. Unset: off.",
         validator=positive())
+    from_language_model: bool = option(
+        False,
+        doc="Then let the architecture initialise itself from the run's language model on the "
+            "initialisation batch (its initialize_from_language_model capability; e.g. a Lorsa copies "
+            "the attention layer it replaces). Needs [model]; not with [pretrained].")
     seed: int = option(0, doc="Seed of the random initialisation.", validator=non_negative())
 
     def __attrs_post_init__(self) -> None:
