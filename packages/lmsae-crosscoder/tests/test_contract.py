@@ -32,3 +32,4 @@ class TestCrosscoder(ArchitectureContract):
 
     def configs(self, spec):
         return contract_configs()
+

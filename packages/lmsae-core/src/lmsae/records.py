@@ -56,6 +56,10 @@ class ArchitectureSpec:
     - ``example_config()``: the smallest valid config (used by ``lmsae config example`` and the
       contract tests).
     - ``analysis_extras(model, feature_indices)``: optional per-feature extras for analysis.
+    - ``shard_config(config, counts)``: optional; the config of ONE shard when the mesh axes in
+      ``counts`` (e.g. ``{"model": 2}``) split the dictionary as the sharding rules say (e.g.
+      ``d_sae // 2`` features). The shard is built as ``model_class(shard_config(...))`` and loads
+      the sliced state dict. None: the architecture supports data parallelism only.
     """
 
     config_class: type[DictionaryConfig]
@@ -64,6 +68,7 @@ class ArchitectureSpec:
     example_config: Callable[[], DictionaryConfig]
     summary: str = ""
     analysis_extras: Callable[..., Any] | None = None
+    shard_config: Callable[[DictionaryConfig, Mapping[str, int]], DictionaryConfig] | None = None
 
     @property
     def name(self) -> str:

@@ -11,7 +11,7 @@ from lmsae.activations.protocol import RESERVED_KEYS
 from lmsae.config.base import DictionaryConfig
 from lmsae.config.fields import FieldValueError, config_class, option, positive
 
-__all__ = ["ActFn", "CrosscoderConfig", "DEFAULT_EXPANSION_FACTOR", "Init"]
+__all__ = ["ActFn", "CrosscoderConfig", "CrosscoderShardConfig", "DEFAULT_EXPANSION_FACTOR", "Init"]
 
 ActFn = Literal["relu", "jumprelu", "topk", "batchtopk"]
 Init = Literal["identical", "independent"]
@@ -32,10 +32,13 @@ def _default_expansion_factor(self: Any) -> float | None:
     return None if self.d_sae is not None else DEFAULT_EXPANSION_FACTOR
 
 
-def _valid_heads(_instance: Any, attribute: attrs.Attribute, value: list[str]) -> None:
-    if len(value) < 2:
-        raise FieldValueError(attribute.name, f"a crosscoder needs at least 2 heads (hook points), got {len(value)}"
-                                              f": {list(value)!r}; with one hook point train an SAE instead")
+def _check_heads(attribute: attrs.Attribute, value: list[str], minimum: int) -> None:
+    if len(value) < minimum:
+        if minimum == 2:
+            raise FieldValueError(attribute.name, f"a crosscoder needs at least 2 heads (hook points), got "
+                                                  f"{len(value)}: {list(value)!r}; with one hook point train an "
+                                                  "SAE instead")
+        raise FieldValueError(attribute.name, f"needs at least {minimum} head(s), got {list(value)!r}")
     empty = [i for i, h in enumerate(value) if not h]
     if empty:
         raise FieldValueError(attribute.name, f"entry {empty[0]} is an empty string")
@@ -49,6 +52,14 @@ def _valid_heads(_instance: Any, attribute: attrs.Attribute, value: list[str]) -
     if reserved:
         raise FieldValueError(attribute.name, f"{reserved[0]!r} is a reserved batch key "
                                               f"({', '.join(sorted(RESERVED_KEYS))}), not an activation")
+
+
+def _valid_heads(_instance: Any, attribute: attrs.Attribute, value: list[str]) -> None:
+    _check_heads(attribute, value, 2)
+
+
+def _valid_shard_heads(_instance: Any, attribute: attrs.Attribute, value: list[str]) -> None:
+    _check_heads(attribute, value, 1)
 
 
 @config_class
@@ -148,3 +159,19 @@ class CrosscoderConfig(DictionaryConfig):
         if self.d_sae is not None:
             return self.d_sae
         return int(self.d_model * self.expansion_factor)  # type: ignore[operator]
+
+
+@config_class
+class CrosscoderShardConfig(CrosscoderConfig):
+    """The config of ONE shard of a crosscoder split over the ``head`` and/or ``model`` mesh axes.
+
+    Built by :func:`lmsae_crosscoder.spec.crosscoder_shard_config`, never written by users: its
+    ``hook_points`` are the shard's own heads (possibly a single one, which a user config forbids)
+    and ``d_sae`` its own features. It keeps the architecture tag ``crosscoder``; what is saved is
+    always the full model's config and canonical (unsharded) weights.
+    """
+
+    hook_points: list[str] = option(
+        doc="The shard's own heads: a contiguous block of the full crosscoder's hook points, in head order. At "
+            "least 1, all distinct.",
+        validator=_valid_shard_heads)

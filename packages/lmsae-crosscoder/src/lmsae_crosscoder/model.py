@@ -20,6 +20,18 @@ normalisation multiplies head h by its own factor s_h, and folding divides W_D[h
 non-uniformly across heads. Folding multiplies g_h by s_h instead, so n, the gate and the
 features are exactly unchanged (the reference implementation rescaled the biases only, which is
 exact only when all heads share one factor).
+
+Distributed (see the README): under feature parallelism (mesh axis ``model``) a shard holds a
+block of the features of every head and nothing here changes (the core's TopK/BatchTopK select
+globally, the trainer sums the partial reconstructions). Under head parallelism (``head``) a
+shard holds a block of the heads; while :func:`lmsae.distributed.parallel.current` has a head
+group, :meth:`Crosscoder.encode_pre` sums the heads' partial pre-activations over it (``b_E``
+added by the first head rank only), :meth:`Crosscoder.decoder_norm` sums the heads' norms over
+it, and :meth:`Crosscoder.decode` receives the (replicated) code through ``copy_to_group``, whose
+backward sums the code's gradient from every rank's heads. The code, the combined norm and every
+loss term built from them are then identical on all head ranks, and so are their gradients; a
+head-replicated parameter used only there (the JumpReLU threshold) keeps its gradient on the
+first head rank only, since the trainer sums head-replicated gradients over the head group.
 """
 
 from __future__ import annotations
@@ -32,13 +44,42 @@ import torch
 from torch import Tensor, nn
 
 from lmsae.dictionary.base import SparseDictionary
+from lmsae.distributed.collectives import copy_to_group, reduce_sum
+from lmsae.distributed.parallel import ParallelContext, current
 from lmsae.errors import DataError, LmsaeError, ShapeError
 from lmsae.nn.activations import JumpReLU, apply_with_decoder_norm_gating, build_activation
 from lmsae.nn.axes import flatten_tokens
 
 from lmsae_crosscoder.config import CrosscoderConfig
 
-__all__ = ["Crosscoder"]
+__all__ = ["Crosscoder", "HeadSharedJumpReLU"]
+
+
+def _head_parallel() -> ParallelContext | None:
+    """The running distributed forward pass when it splits the heads (else None)."""
+    ctx = current()
+    return ctx if ctx is not None and ctx.head_group is not None else None
+
+
+class HeadSharedJumpReLU(JumpReLU):
+    """JumpReLU whose threshold is shared by all head ranks of a head-parallel crosscoder.
+
+    The threshold is replicated along ``head`` (its rule splits it over ``model`` only) and every
+    head rank applies it to the same summed pre-activations, so every head rank computes the
+    FULL gradient of the loss with respect to it (the code's gradient is summed over the head
+    group by ``copy_to_group``, and the feature-summed loss terms are replicated). The trainer sums
+    head-replicated gradients over the head group, so only the first head rank may keep it: on the
+    others :attr:`threshold` is detached (same values). Identical to :class:`JumpReLU` outside
+    head parallelism.
+    """
+
+    @property
+    def threshold(self) -> Tensor:
+        theta = self.log_threshold.exp()
+        ctx = _head_parallel()
+        if ctx is not None and not ctx.first("head"):
+            return theta.detach()
+        return theta
 
 
 class Crosscoder(SparseDictionary):
@@ -68,9 +109,12 @@ class Crosscoder(SparseDictionary):
         self.W_D = nn.Parameter(torch.empty(n_heads, f, d))
         self.b_D = nn.Parameter(torch.empty(n_heads, d))
         self.register_buffer("head_norm_weight", torch.ones(n_heads))
-        self.activation = build_activation(config.act_fn, k=config.top_k, shape=f,
-                                           init_threshold=config.jumprelu_init_threshold,
-                                           bandwidth=config.jumprelu_bandwidth)
+        if config.act_fn == "jumprelu":
+            self.activation = HeadSharedJumpReLU(f, config.jumprelu_init_threshold, config.jumprelu_bandwidth)
+        else:
+            self.activation = build_activation(config.act_fn, k=config.top_k, shape=f,
+                                               init_threshold=config.jumprelu_init_threshold,
+                                               bandwidth=config.jumprelu_bandwidth)
         self.reset_parameters()
 
     @property
@@ -94,7 +138,10 @@ class Crosscoder(SparseDictionary):
         return torch.stack(tensors, dim=-2)
 
     def prepare_input(self, batch: Mapping[str, Any]) -> tuple[Tensor, dict[str, Any]]:
-        """Every head's activations stacked on axis -2: ``(tokens..., heads, d_model)``."""
+        """Every head's activations stacked on axis -2: ``(tokens..., heads, d_model)``.
+
+        Heads are read by key, so a head-parallel shard (whose ``hook_points`` are its own heads)
+        takes its heads from a batch that holds every head's activations or only its own."""
         return self._stack(batch), {}
 
     def prepare_label(self, batch: Mapping[str, Any]) -> Tensor:
@@ -107,11 +154,20 @@ class Crosscoder(SparseDictionary):
     # --- maths ------------------------------------------------------------------------------------
 
     def encode_pre(self, x: Tensor, **extras: Any) -> Tensor:
-        """Shared pre-activations ``(tokens..., F)`` = sum over heads of ``x_h W_E[h]``, plus ``b_E``."""
+        """Shared pre-activations ``(tokens..., F)`` = sum over heads of ``x_h W_E[h]``, plus ``b_E``.
+
+        Head-parallel (a head group in the parallel context): this shard's heads' partial sum,
+        plus ``b_E`` on the first head rank only, summed over the head group."""
         if tuple(x.shape[-2:]) != (self.n_heads, self.config.d_model):
             raise ShapeError(f"crosscoder input must end with (heads, d_model) = ({self.n_heads}, "
                              f"{self.config.d_model}), got shape {tuple(x.shape)}")
-        return torch.einsum("...hd,hdf->...f", x, self.W_E) + self.b_E
+        partial = torch.einsum("...hd,hdf->...f", x, self.W_E)
+        ctx = _head_parallel()
+        if ctx is None:
+            return partial + self.b_E
+        if ctx.first("head"):
+            partial = partial + self.b_E
+        return reduce_sum(partial, ctx.head_group)
 
     def activate(self, hidden_pre: Tensor, mask: Tensor | None = None) -> Tensor:
         """The shared code ``(tokens..., F)``; gated by the combined decoder norm when configured.
@@ -124,8 +180,19 @@ class Crosscoder(SparseDictionary):
         return self.activation(hidden_pre, mask=mask)
 
     def decode(self, feature_acts: Tensor, **extras: Any) -> Tensor:
-        """Per-head reconstructions ``(tokens..., heads, d_model)`` from the code ``(tokens..., F)``."""
-        return torch.einsum("...f,hfd->...hd", feature_acts, self.W_D) + self.b_D
+        """Per-head reconstructions ``(tokens..., heads, d_model)`` from the code ``(tokens..., F)``
+        (a head-parallel shard: its own heads')."""
+        return self.decode_linear(feature_acts) + self.b_D
+
+    def decode_linear(self, feature_acts: Tensor, **extras: Any) -> Tensor:
+        """:meth:`decode` without the decoder biases: ``f W_D[h]`` per head.
+
+        Head-parallel: the code enters through ``copy_to_group`` over the head group, so its
+        gradient is the sum over every rank's heads."""
+        ctx = _head_parallel()
+        if ctx is not None:
+            feature_acts = copy_to_group(feature_acts, ctx.head_group)
+        return torch.einsum("...f,hfd->...hd", feature_acts, self.W_D)
 
     def head_decoder_norms(self) -> Tensor:
         """``g_h ||W_D[h, i]||`` per head and feature, ``(H, F)``, in normalised (training) units:
@@ -133,8 +200,13 @@ class Crosscoder(SparseDictionary):
         return self.W_D.norm(dim=-1) * self.head_norm_weight.unsqueeze(-1)
 
     def decoder_norm(self) -> Tensor:
-        """Combined decoder norm ``n_i = sum_h g_h ||W_D[h, i]||``, ``(F,)`` (differentiable)."""
-        return self.head_decoder_norms().sum(dim=0)
+        """Combined decoder norm ``n_i = sum_h g_h ||W_D[h, i]||``, ``(F,)`` (differentiable).
+
+        Head-parallel: the shard's heads' sum, summed over the head group (every head rank gets
+        the full norm; each shard's decoders receive the gradient of their own terms)."""
+        local = self.head_decoder_norms().sum(dim=0)
+        ctx = _head_parallel()
+        return local if ctx is None else reduce_sum(local, ctx.head_group)
 
     def decoder_directions(self) -> dict[str, Tensor]:
         """Each feature's write direction in raw space per head, ``{hook: (F, d_model)}``.

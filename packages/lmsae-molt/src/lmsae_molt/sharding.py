@@ -1,166 +1,21 @@
-"""Group-aware sharding rules, and slicing a state dict into shards and back.
+"""Group-aware sharding (:class:`GroupedDim`) now lives in the core, :mod:`lmsae.distributed.sharding`;
+this module re-exports it for code written against lmsae-molt 0.1.
 
-The core's sharding rules map a parameter name to ``{mesh axis: tensor dim}`` and slice that dim
-into ``k`` contiguous blocks. That is wrong for MOLT's per-feature tensors whose feature axis is
-the concatenation of rank groups (``W_E`` (d, F), ``b_E`` (F,), the JumpReLU threshold (F,)):
-the transforms ``U.<r>`` / ``V.<r>`` are split per rank group (each device holds a slice of every
-group), so the matching gate columns must be split per group too. The reference slid into exactly
-this: its W_E was split contiguously over F while U/V were split per group, so a model trained
-with tensor parallelism paired gate columns with the wrong transforms once gathered (upstream
-spec §15 item 8).
-
-:class:`GroupedDim` expresses the group-aware rule: it IS the tensor dim (an ``int`` subclass, so
-every consumer of plain rules — the core's contract checks, serialisers — still reads the dim),
-and it carries the group sizes along that dim. Shard ``i`` of ``k`` takes block ``i`` of every
-group and concatenates them in group order; a group size must divide by ``k``.
-
-Canonical order: the unsharded tensors are the only thing ever saved; a shard's local feature
-order is "group by group, block i of each", which is itself a canonical order of a smaller MOLT
-(counts divided by k). :func:`local_feature_indices` maps local to global feature indices.
+MOLT's per-feature tensors (``W_E`` (d, F), ``b_E`` (F,), the JumpReLU threshold) have a feature
+axis that is the concatenation of rank groups, while the transforms ``U.<r>`` / ``V.<r>`` are split
+per group; a ``GroupedDim`` rule splits the gate columns per group too, so a shard pairs every
+gate with its own transform (the reference system did not, upstream spec §15 item 8).
 """
 
-from __future__ import annotations
-
-from collections.abc import Mapping, Sequence
-from typing import Self
-
-import torch
-from torch import Tensor
-
-from lmsae.errors import ShardingError
+from lmsae.distributed.sharding import (
+    GroupedDim,
+    grouped_split,
+    local_feature_indices,
+    shard_parameters,
+    shard_tensor,
+    unshard,
+    unshard_tensor,
+)
 
 __all__ = ["GroupedDim", "grouped_split", "local_feature_indices", "shard_parameters", "shard_tensor",
            "unshard", "unshard_tensor"]
-
-
-class GroupedDim(int):
-    """A sharding rule's tensor dim whose axis is a concatenation of groups of ``group_sizes``.
-
-    ``GroupedDim(1, (512, 256))`` == 1 for any code that only wants the dim; group-aware code
-    reads ``.group_sizes``. Pickle-free and JSON-serialisable as the plain dim.
-    """
-
-    group_sizes: tuple[int, ...]
-
-    def __new__(cls, dim: int, group_sizes: Sequence[int]) -> Self:
-        obj = super().__new__(cls, dim)
-        sizes = tuple(int(s) for s in group_sizes)
-        if not sizes or any(s < 1 for s in sizes):
-            raise ShardingError(f"GroupedDim needs at least one group and positive group sizes, got {group_sizes!r}")
-        obj.group_sizes = sizes
-        return obj
-
-    @property
-    def dim(self) -> int:
-        return int(self)
-
-    def __getnewargs__(self) -> tuple[int, tuple[int, ...]]:  # copy/deepcopy rebuild it with its groups
-        return (int(self), self.group_sizes)
-
-    def __repr__(self) -> str:
-        return f"GroupedDim({int(self)}, {self.group_sizes})"
-
-
-def _check_k_i(k: int, i: int) -> None:
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise ShardingError(f"number of shards must be an integer >= 1, got {k!r}")
-    if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < k:
-        raise ShardingError(f"shard index must be an integer in [0, {k}), got {i!r}")
-
-
-def grouped_split(sizes: Sequence[int], k: int, i: int) -> list[tuple[int, int]]:
-    """``[(start, stop), ...]``: the slice of every group that shard ``i`` of ``k`` holds."""
-    _check_k_i(k, i)
-    out, offset = [], 0
-    for g, size in enumerate(sizes):
-        if size % k:
-            raise ShardingError(f"group {g} has {size} features, which does not divide into {k} shards")
-        block = size // k
-        out.append((offset + i * block, offset + (i + 1) * block))
-        offset += size
-    return out
-
-
-def shard_tensor(tensor: Tensor, dim: int | None, k: int, i: int) -> Tensor:
-    """Shard ``i`` of ``k`` of ``tensor`` along ``dim`` (a plain or :class:`GroupedDim` dim; ``None``:
-    replicated, returned as is)."""
-    _check_k_i(k, i)
-    if dim is None:
-        return tensor
-    d = int(dim)
-    size = tensor.shape[d]
-    sizes = dim.group_sizes if isinstance(dim, GroupedDim) else (size,)
-    if sum(sizes) != size:
-        raise ShardingError(f"grouped dim {d} has size {size} but its groups sum to {sum(sizes)} ({sizes})")
-    pieces = [tensor.narrow(d, start, stop - start) for start, stop in grouped_split(sizes, k, i)]
-    return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=d)
-
-
-def unshard_tensor(shards: Sequence[Tensor], dim: int | None) -> Tensor:
-    """Inverse of :func:`shard_tensor` over all ``k = len(shards)`` shards (replicated: shard 0,
-    after checking that every shard holds the same values)."""
-    if not shards:
-        raise ShardingError("unshard needs at least one shard")
-    if dim is None:
-        if any(not torch.equal(s, shards[0]) for s in shards[1:]):
-            raise ShardingError("a replicated parameter differs between shards")
-        return shards[0]
-    d, k = int(dim), len(shards)
-    if not isinstance(dim, GroupedDim):
-        return torch.cat(list(shards), dim=d)
-    blocks = []
-    for g, size in enumerate(dim.group_sizes):
-        if size % k:
-            raise ShardingError(f"group {g} has {size} features, which does not divide into {k} shards")
-        block = size // k
-        local_offset = sum(s // k for s in dim.group_sizes[:g])
-        blocks.extend(s.narrow(d, local_offset, block) for s in shards)
-    return torch.cat(blocks, dim=d)
-
-
-def _dim_for(rules: Mapping[str, Mapping[str, int]], name: str, axis: str) -> int | None:
-    try:
-        rule = rules[name]
-    except KeyError:
-        raise ShardingError(f"parameter {name!r} has no sharding rule (every parameter needs one)") from None
-    return rule.get(axis)
-
-
-def shard_parameters(state: Mapping[str, Tensor], rules: Mapping[str, Mapping[str, int]], k: int, i: int,
-                     axis: str = "model") -> dict[str, Tensor]:
-    """The local state dict of shard ``i`` of ``k`` along mesh ``axis`` (other axes are ignored).
-
-    Every entry of ``state`` needs a rule; :class:`GroupedDim` dims are sliced per group.
-    """
-    out = {}
-    for name, t in state.items():
-        dim = _dim_for(rules, name, axis)
-        try:
-            out[name] = shard_tensor(t, dim, k, i)
-        except ShardingError as exc:
-            raise ShardingError(f"{name}: {exc}") from None
-    return out
-
-
-def unshard(shards: Sequence[Mapping[str, Tensor]], rules: Mapping[str, Mapping[str, int]],
-            axis: str = "model") -> dict[str, Tensor]:
-    """Reassemble the full (canonical-order) state dict from every shard's local state dict."""
-    if not shards:
-        raise ShardingError("unshard needs at least one shard")
-    names = list(shards[0])
-    for j, s in enumerate(shards[1:], start=1):
-        if list(s) != names:
-            raise ShardingError(f"shard {j} holds parameters {sorted(s)}, shard 0 holds {sorted(names)}")
-    out = {}
-    for name in names:
-        dim = _dim_for(rules, name, axis)
-        try:
-            out[name] = unshard_tensor([s[name] for s in shards], dim)
-        except ShardingError as exc:
-            raise ShardingError(f"{name}: {exc}") from None
-    return out
-
-
-def local_feature_indices(group_sizes: Sequence[int], k: int, i: int) -> Tensor:
-    """Global (canonical) index of each local feature of shard ``i`` of ``k``, shape ``(F / k,)``."""
-    return torch.cat([torch.arange(start, stop) for start, stop in grouped_split(group_sizes, k, i)])

@@ -90,6 +90,16 @@ class SparseDictionary(nn.Module):
         """Reconstruction, shape ``token axes + output_dims``."""
         raise NotImplementedError
 
+    def decode_linear(self, feature_acts: Tensor, **extras: Any) -> Tensor:
+        """The part of :meth:`decode` that is linear in the activations (no output bias).
+
+        Every decoder here is affine in the activations; the default is ``decode(a) - decode(0)``
+        (exact, one extra decode). Architectures override it with the cheap direct form. Used by
+        AuxK (the dead features' reconstruction) and by feature parallelism, where only the first
+        ``model`` rank adds the output bias to its partial reconstruction.
+        """
+        return self.decode(feature_acts, **extras) - self.decode(torch.zeros_like(feature_acts), **extras)
+
     def forward(self, x: Tensor, mask: Tensor | None = None, **extras: Any) -> Tensor:
         """``decode(encode(x))`` in normalised space."""
         return self.decode(self.encode(x, mask=mask, **extras), **extras)

@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from lmsae.config.base import DictionaryConfig
 from lmsae.config.fields import FieldValueError, config_class, non_empty, option, positive
 from lmsae.dictionary.base import SparseDictionary
-from lmsae.errors import LmsaeError, ShapeError
+from lmsae.errors import LmsaeError, ShapeError, ShardingError
 from lmsae.nn.activations import JumpReLU, apply_with_decoder_norm_gating, build_activation
 from lmsae.records import ArchitectureSpec
 
@@ -41,6 +41,7 @@ __all__ = [
     "SAEConfig",
     "SparseAutoEncoder",
     "sae_example_config",
+    "sae_shard_config",
     "sae_sharding_rules",
 ]
 
@@ -244,6 +245,10 @@ class SparseAutoEncoder(SparseDictionary):
         out = feature_acts @ self.W_D
         return out + self.b_D if self.b_D is not None else out
 
+    def decode_linear(self, feature_acts: Tensor, **extras: Any) -> Tensor:
+        """``f W_D`` (no output bias)."""
+        return feature_acts @ self.W_D
+
     def decode_sparse(self, indices: Tensor, values: Tensor) -> Tensor:
         """Prediction from the active features only: ``indices``/``values`` of shape ``(..., k)``.
 
@@ -444,6 +449,18 @@ def sae_sharding_rules(config: SAEConfig) -> dict[str, dict[str, int]]:
     return rules
 
 
+def sae_shard_config(config: SAEConfig, counts: Mapping[str, int]) -> SAEConfig:
+    """One feature shard: ``d_sae // counts["model"]`` features (the rules split only features)."""
+    k = int(counts.get("model", 1))
+    extra = sorted(a for a, n in counts.items() if a != "model" and n > 1)
+    if extra:
+        raise ShardingError(f"the SAE has no {extra[0]!r} axis to split (it has features only: 'model')")
+    n = config.n_features
+    if n % k:
+        raise ShardingError(f"d_sae = {n} features do not split into {k} equal shards ([distributed] model = {k})")
+    return attrs.evolve(config, d_sae=n // k, expansion_factor=None)
+
+
 def sae_example_config() -> SAEConfig:
     """A small TopK SAE on a residual stream (16 dims, 64 features, k=4)."""
     return SAEConfig(hook_point_in="blocks.0.hook_resid_post", d_model=16, expansion_factor=4.0,
@@ -455,5 +472,6 @@ SAE_SPEC = ArchitectureSpec(
     model_class=SparseAutoEncoder,
     sharding_rules=sae_sharding_rules,
     example_config=sae_example_config,
+    shard_config=sae_shard_config,
     summary="sparse autoencoder / transcoder (ReLU, JumpReLU, TopK, BatchTopK)",
 )

@@ -20,6 +20,24 @@ from torch import Tensor, nn
 
 from lmsae.errors import ShapeError
 
+
+def _parallel():  # the distributed forward context (imported late: lmsae.distributed imports configs)
+    from lmsae.distributed.parallel import current
+
+    return current()
+
+
+def global_kth_value(values: Tensor, k: int, group, dim: int = -1) -> Tensor:
+    from lmsae.distributed.collectives import global_kth_value as kth
+
+    return kth(values, k, group, dim)
+
+
+def all_reduce(tensor: Tensor, group, op: str = "sum") -> Tensor:
+    from lmsae.distributed.collectives import all_reduce as reduce
+
+    return reduce(tensor, group, op)
+
 __all__ = [
     "ACTIVATION_NAMES",
     "BatchTopK",
@@ -272,8 +290,16 @@ class TopK(nn.Module):
         self._k = _check_k(value, "TopK k")
 
     def forward(self, h: Tensor, mask: Tensor | None = None) -> Tensor:
-        """Top-k of ``relu(h)`` along the last dim; same shape as ``h``."""
+        """Top-k of ``relu(h)`` along the last dim; same shape as ``h``.
+
+        Under feature parallelism (:func:`lmsae.distributed.parallel.current`) the last dim is
+        this process's shard and the selection is the global one (exact)."""
         acts = torch.relu(h)
+        ctx = _parallel()
+        if ctx is not None and ctx.feature_group is not None:
+            k = min(self._k, h.shape[-1] * ctx.feature_shards)
+            kth = global_kth_value(acts, k, ctx.feature_group)
+            return torch.where((acts >= kth) & (acts > 0), acts, torch.zeros_like(acts))
         k = min(self._k, h.shape[-1])
         values, indices = acts.topk(k, dim=-1, sorted=False)
         return torch.zeros_like(acts).scatter(-1, indices, values)
@@ -315,6 +341,17 @@ class BatchTopK(nn.Module):
             # nothing and receive no gradient (the ``where`` blocks it).
             flat = torch.where(keep, flat, torch.zeros_like(flat))
             n_tokens = int((mask != 0).sum().item())
+        ctx = _parallel()
+        if ctx is not None and ctx.batch_group is not None:
+            # tokens split over data ranks, features over model ranks: one global selection
+            counts = torch.tensor([float(n_tokens), float(flat.numel())], dtype=torch.float64, device=flat.device)
+            n_global, size_global = (int(v) for v in all_reduce(counts, ctx.data_group).tolist())
+            size_global *= ctx.feature_shards
+            total = min(self._k * n_global, size_global)
+            if total == 0:
+                return torch.zeros_like(acts)
+            kth = global_kth_value(flat, total, ctx.batch_group, dim=0)
+            return torch.where((flat >= kth) & (flat > 0), flat, torch.zeros_like(flat)).reshape(h.shape)
         total = min(self._k * n_tokens, flat.numel())
         if total == 0:
             return torch.zeros_like(acts)
@@ -393,6 +430,17 @@ def auxk_select(hidden_pre: Tensor, dead_mask: Tensor, k_aux: int) -> Tensor:
         raise TypeError(f"dead_mask must be a bool tensor, got dtype {dead_mask.dtype}")
     _check_feature_param(dead_mask, hidden_pre, "dead_mask")
     dead = dead_mask.to(hidden_pre.device)
+    ctx = _parallel()
+    if ctx is not None and ctx.feature_group is not None:
+        # features split over model ranks: the global top k_aux of the dead features per row
+        n_dead = dead.expand(hidden_pre.shape[-dead.ndim:]).sum(dim=-1).to(torch.int64)
+        max_dead = int(all_reduce(n_dead, ctx.feature_group).max())
+        k = min(k_aux, max_dead, hidden_pre.shape[-1] * ctx.feature_shards)
+        if k == 0:
+            return torch.zeros_like(hidden_pre)
+        acts = torch.where(dead, torch.relu(hidden_pre), torch.zeros_like(hidden_pre))
+        kth = global_kth_value(acts, k, ctx.feature_group)
+        return torch.where((acts >= kth) & (acts > 0), acts, torch.zeros_like(acts))
     max_dead = int(dead.sum(dim=-1).max().item()) if dead.ndim else int(dead.item()) * hidden_pre.shape[-1]
     k = min(k_aux, max_dead, hidden_pre.shape[-1])
     if k == 0:

@@ -16,7 +16,7 @@ Also here: :class:`DeadFeatureTracker`, which counts tokens since each feature l
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -216,7 +216,8 @@ class DeadFeatureTracker:
         self.tokens_since_fired = torch.zeros(self.shape, dtype=torch.int64, device=device)
 
     @torch.no_grad()
-    def update(self, feature_acts: Tensor, axes: Axes, mask: Tensor | None = None) -> None:
+    def update(self, feature_acts: Tensor, axes: Axes, mask: Tensor | None = None,
+               reduce: Callable[[Tensor, int], tuple[Tensor, int]] | None = None) -> None:
         """Account for one batch of ``feature_acts`` (axes e.g. ``("batch", "layers", "sae")``).
 
         Token axes are reduced; other leading non-feature axes (layers, heads) are kept when
@@ -237,6 +238,9 @@ class DeadFeatureTracker:
         extra = fired.ndim - len(self.shape)
         if extra > 0:
             fired = fired.any(dim=tuple(range(extra)))
+        if reduce is not None:
+            # data parallelism: fired anywhere in the global batch, its tokens counted
+            fired, n_tokens = reduce(fired, n_tokens)
         if tuple(fired.shape) != self.shape:
             raise ShapeError(
                 f"feature_acts of shape {tuple(feature_acts.shape)} (axes {tuple(axes)}) do not "

@@ -9,6 +9,7 @@ the weights and save ``config.json`` + ``sae_weights.safetensors`` to ``output_d
 from __future__ import annotations
 
 import copy
+import io
 import logging
 import pathlib
 import shutil
@@ -32,6 +33,7 @@ from lmsae.config import (
 from lmsae.dictionary.base import SparseDictionary
 from lmsae.config.fields import FieldValueError, non_negative, positive
 from lmsae.dictionary.io import PretrainedConfig, load_dictionary, save_dictionary
+from lmsae.distributed.mesh import DistributedConfig, build_mesh
 from lmsae.errors import ConfigError, LmsaeError
 from lmsae.logging.loggers import ConsoleLoggerConfig, JsonlLoggerConfig, LoggerContext, MultiLogger
 from lmsae.records import TaskSpec
@@ -109,6 +111,9 @@ class TrainRunConfig(RunConfig):
                                                 "saved dictionary takes raw activations.")
     after_training: AfterTrainingConfig | None = option(
         None, doc="Evaluate / analyse / attribute logits of the saved dictionary ([after_training] table).")
+    distributed: DistributedConfig = option(
+        factory=DistributedConfig, doc="Process mesh ([distributed] table: data, model, head sizes); launch with "
+                                       "torchrun. activations.batch_size is the global batch, split over data ranks.")
 
     def __attrs_post_init__(self) -> None:
         if (self.dictionary is None) == (self.pretrained is None):
@@ -123,6 +128,10 @@ class TrainRunConfig(RunConfig):
                 raise FieldValueError("after_training", "analysis, logit attribution and splicing need the "
                                                         "language model: add a [model] table")
 
+        data = self.distributed.data
+        if data > 1 and self.activations.batch_size % data:
+            raise FieldValueError("activations", f"batch_size = {self.activations.batch_size} (the global batch) "
+                                                 f"does not split over [distributed] data = {data} ranks")
         if self.initializer.from_language_model:
             if self.pretrained is not None:
                 raise FieldValueError("initializer", "from_language_model = true initialises a new dictionary; "
@@ -174,16 +183,31 @@ def run(cfg: TrainRunConfig, context: RunContext) -> TrainResult:
         trainer_spec = registry.get("trainer", "standard")
     dict_config = cfg.dictionary_config(registry)
     hooks = tuple(dict_config.hook_points)
+    mesh = build_mesh(cfg.distributed, device)
+    if mesh.is_distributed:
+        context.echo(f"process mesh: {mesh.describe()}")
+    primary = mesh.is_primary
+    if not primary:  # one voice: the other processes report nothing
+        context = attrs.evolve(context, out=io.StringIO(), progress=False)
+        logging.getLogger("lmsae").setLevel(logging.WARNING)
+    progress = context.progress and primary
     lm = model_loader(registry, cfg.model)
-    make_stream = stream_builder(registry, cfg.activations, hooks, progress=context.progress, language_model=lm)
+    n_data = mesh.size("data")
+    local_activations = (attrs.evolve(cfg.activations, batch_size=cfg.activations.batch_size // n_data)
+                         if n_data > 1 else cfg.activations)
+    # calibration (norms, initialisation) reads the start of the whole stream, identically everywhere
+    make_calibration = stream_builder(registry, cfg.activations, hooks, progress=progress, language_model=lm)
+    make_stream = stream_builder(registry, local_activations, hooks, progress=progress, language_model=lm,
+                                 shard=(mesh.coord("data"), n_data))
     make_eval = (stream_builder(registry, cfg.eval_activations, hooks, progress=False, language_model=lm)
                  if cfg.eval_activations is not None else None)
     out = cfg.output_dir
-    out.mkdir(parents=True, exist_ok=True)
+    if primary:
+        out.mkdir(parents=True, exist_ok=True)
 
     if checkpoint is not None:
         model = load_dictionary(checkpoint / "dictionary", registry).to(dtype=dtype)
-        trainer_state, stream_state = read_checkpoint(checkpoint)
+        trainer_state, stream_state = read_checkpoint(checkpoint, mesh.coord("data"), n_data)
         context.echo(f"resuming from {checkpoint} (step {trainer_state['step']})")
     else:
         if cfg.pretrained is not None:
@@ -198,7 +222,7 @@ def run(cfg: TrainRunConfig, context: RunContext) -> TrainResult:
         trainer_state = stream_state = None
         need_norms = model.config.normalization == "dataset" and not model.config.dataset_norms
         n_calib = cfg.trainer.calibration_batches if isinstance(cfg.trainer, StandardTrainerConfig) else 8
-        calibration = take(make_stream(), n_calib if need_norms else 1)
+        calibration = take(make_calibration(), n_calib if need_norms else 1)
         if not calibration:
             raise LmsaeError("the activation stream is empty")
         model.check_batch(calibration[0])
@@ -226,14 +250,30 @@ def run(cfg: TrainRunConfig, context: RunContext) -> TrainResult:
     run_name = cfg.run_name or out.resolve().name
     plain = registry.unstructure(cfg)
     logger_ctx = LoggerContext(output_dir=out, run_name=run_name, config=plain, resume=checkpoint is not None)
-    loggers = MultiLogger([registry.get("logger", lc.name).factory(lc, logger_ctx) for lc in cfg.loggers])
-    atomic_write_json(out / "run_config.json", plain)
+    # only the first process logs and writes files
+    loggers = MultiLogger([registry.get("logger", lc.name).factory(lc, logger_ctx) for lc in cfg.loggers]
+                          if primary else [])
+    if primary:
+        atomic_write_json(out / "run_config.json", plain)
 
+    full_config = model.config
+    spec = registry.architecture(full_config.name)
+    extra_kwargs: dict[str, Any] = {}
+    if mesh.is_distributed:
+        from lmsae.distributed.models import shard_model
+
+        model = shard_model(model, spec, mesh)
+        extra_kwargs = {"mesh": mesh, "sharding_rules": spec.sharding_rules(full_config), "full_config": full_config}
     eval_tokens = getattr(cfg.trainer, "eval_tokens", 100_000)
-    eval_fn = ((lambda m: evaluate_reconstruction(m, make_eval(), eval_tokens, device=device))
-               if make_eval is not None else None)
+    eval_fn = None
+    if make_eval is not None:
+        def eval_fn(m: Any) -> dict[str, float]:
+            # under a mesh every process gathers the whole dictionary and evaluates it (same numbers)
+            whole = trainer.gather_model() if mesh.is_distributed else m
+            return evaluate_reconstruction(whole, make_eval(), eval_tokens, device=device)
     trainer = trainer_spec.factory(cfg.trainer, model, device=device, loggers=loggers, hooks=registry.hook,
-                                   output_dir=out, registry=registry, eval_fn=eval_fn, progress=context.progress)
+                                   output_dir=out, registry=registry, eval_fn=eval_fn, progress=progress,
+                                   **extra_kwargs)
     stream = make_stream()
     if trainer_state is not None:
         trainer.load_state_dict(trainer_state)
@@ -245,10 +285,13 @@ def run(cfg: TrainRunConfig, context: RunContext) -> TrainResult:
             close = getattr(stream, "close", None)
             if callable(close):
                 close()  # stop a prefetching thread before the model is used for evaluation
-        final = evaluate_reconstruction(model, make_eval(), eval_tokens, device=device) if make_eval else {}
+        whole = trainer.gather_model() if mesh.is_distributed else model
+        if not primary:
+            return result
+        final = evaluate_reconstruction(whole, make_eval(), eval_tokens, device=device) if make_eval else {}
         summary = _summary(result, final, time.monotonic() - start)
         loggers.log_summary(summary)
-        saved = copy.deepcopy(model).cpu()
+        saved = copy.deepcopy(whole).cpu()
         if cfg.fold_normalization and saved.config.normalization == "dataset":
             saved.fold_normalization()
         save_dictionary(saved, out, registry, metadata={"training": result.reason})

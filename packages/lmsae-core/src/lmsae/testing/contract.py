@@ -171,16 +171,55 @@ class ArchitectureContract:
             torch.testing.assert_close(loaded.forward_raw(batch), model.forward_raw(batch), rtol=0, atol=0)
 
     def test_sharding_rules_cover_exactly_the_parameters(self, spec: ArchitectureSpec) -> None:
+        """Every parameter has a rule; a rule names a parameter or a buffer (per-feature or per-head
+        buffers are sharded like parameters; buffers without a rule are replicated)."""
         for cfg in self.configs(spec):
             model = spec.model_class(cfg)
             rules = spec.sharding_rules(cfg)
             params = dict(model.named_parameters())
-            check(set(rules) == set(params), (f"rules without parameter: {sorted(set(rules) - set(params))}; "
-                                               f"parameters without rule: {sorted(set(params) - set(rules))}"))
+            entries = dict(model.state_dict())
+            check(set(params) <= set(rules), f"parameters without rule: {sorted(set(params) - set(rules))}")
+            check(set(rules) <= set(entries), f"rules without parameter or buffer: {sorted(set(rules) - set(entries))}")
             for name, rule in rules.items():
                 for axis, dim in rule.items():
                     check(axis in MESH_AXES, f"{name}: unknown mesh axis {axis!r}")
-                    check(-params[name].ndim <= dim < params[name].ndim, f"{name}: dim {dim} out of range")
+                    check(-entries[name].ndim <= dim < entries[name].ndim, f"{name}: dim {dim} out of range")
+
+    def test_shards_are_models_of_the_shard_config(self, spec: ArchitectureSpec) -> None:
+        """For each axis the rules split, 2 shards: ``model_class(shard_config(config, {axis: 2}))``
+        has exactly the sliced state's shapes, and the shards reassemble the state exactly."""
+        if spec.shard_config is None:
+            return
+        from lmsae.distributed.models import shard_config_for
+        from lmsae.distributed.sharding import shard_state, unshard_state
+        from lmsae.errors import ShardingError
+
+        for cfg in self.configs(spec):
+            model = self.build(spec, cfg)
+            rules = spec.sharding_rules(cfg)
+            params = {n for n, _ in model.named_parameters()}
+            axes = sorted({a for rule in rules.values() for a in rule})
+            for axis in axes:
+                shards = {}
+                for i in range(2):
+                    layout = {axis: (i, 2)}
+                    try:
+                        shard_cfg = shard_config_for(spec, cfg, layout)
+                    except ShardingError:
+                        continue  # e.g. an odd number of heads in this config
+                    state = shard_state(model.state_dict(), rules, layout, parameters=params)
+                    shard = spec.model_class(shard_cfg)
+                    own = shard.state_dict()
+                    for name, value in state.items():
+                        check(name in own and own[name].shape == value.shape,
+                              f"{axis} shard {i}: {name} has shape {tuple(value.shape)} after slicing but "
+                              f"{tuple(own[name].shape) if name in own else 'is missing'} in the shard config's model")
+                    shard.load_state_dict(state)
+                    shards[(i,)] = state
+                if len(shards) == 2:
+                    back = unshard_state(shards, rules, [axis], [2], parameters=params)
+                    for name, value in model.state_dict().items():
+                        torch.testing.assert_close(back[name], value, rtol=0, atol=0)
 
     def test_folding_is_exact(self, spec: ArchitectureSpec) -> None:
         for cfg in self.configs(spec):

@@ -18,6 +18,7 @@ Definitions (all on normalised activations, masked tokens excluded):
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -57,6 +58,51 @@ def batch_statistics(feature_acts: Tensor, feature_axes: Sequence[str], reconstr
         "act_sum": acts.double().sum(),
         "act_count": active.sum().double(),
         "feature_count": active.sum(0).double(),  # (*feature_dims,)
+    }
+
+
+@torch.no_grad()
+def distributed_batch_statistics(feature_acts: Tensor, feature_axes: Sequence[str], reconstruction: Tensor,
+                                 label: Tensor, output_axes: Sequence[str], mask: Tensor | None,
+                                 mesh: Any) -> dict[str, Tensor]:
+    """:func:`batch_statistics` of the GLOBAL batch under a process mesh (same keys, same values up
+    to rounding): tokens are split over ``data`` ranks, features over ``model`` ranks, output heads
+    over ``head`` ranks (per-token errors are summed over heads before any square root). The
+    explained variance uses the variance over the whole global batch."""
+    from lmsae.distributed.collectives import all_gather, all_reduce
+
+    dg, mg, hg = mesh.group("data"), mesh.group("model"), mesh.group("head")
+    acts = flatten_tokens(feature_acts.detach(), feature_axes, mask)
+    y = _flat(label.detach(), output_axes, mask).double()
+    x_hat = _flat(reconstruction.detach(), output_axes, mask).double()
+    n = y.shape[0]
+    per_token = torch.stack([(x_hat - y).pow(2).sum(-1), y.pow(2).sum(-1), x_hat.pow(2).sum(-1)])
+    err, y_sq, x_sq = all_reduce(per_token, hg)
+    y_norm = y_sq.sqrt()
+    sums = torch.stack([
+        torch.tensor(float(n), dtype=torch.float64, device=y.device), err.sum(), err.sqrt().sum(), y_norm.sum(),
+        (x_sq.sqrt() / y_norm.clamp_min(1e-30)).sum(), y_sq.sum()])
+    sums = all_reduce(sums, dg)
+    y_sum = all_reduce(y.sum(0), dg)
+    n_global = float(sums[0])
+    centred = all_reduce(y_sum.pow(2).sum().reshape(1), hg)[0] / max(n_global, 1.0)
+    var = sums[5] - centred
+    active = acts > 0
+    feature_sums = all_reduce(torch.stack([active.reshape(n, -1).sum().double(), acts.double().sum()]),
+                              mesh.group("data", "model"))
+    feature_count = all_gather(all_reduce(active.sum(0).double(), dg), mg, dim=-1)
+    zero = torch.zeros((), dtype=torch.float64, device=y.device)
+    return {
+        "n_tokens": sums[0],
+        "sq_err": sums[1],
+        "explained_variance": (1 - sums[1] / var.clamp_min(1e-30)) if n_global > 1 else zero,
+        "l0": feature_sums[0],
+        "l2_error": sums[2],
+        "label_norm": sums[3],
+        "l2_ratio": sums[4],
+        "act_sum": feature_sums[1],
+        "act_count": feature_sums[0],
+        "feature_count": feature_count,
     }
 
 

@@ -44,7 +44,11 @@ from lmsae.nn.losses import (
     reconstruction_loss,
     sparsity_penalty,
 )
-from lmsae.training.metrics import MetricWindow, batch_statistics
+from lmsae.distributed.collectives import all_reduce, reduce_sum
+from lmsae.distributed.mesh import Mesh
+from lmsae.distributed.parallel import ParallelContext, parallel
+from lmsae.nn.axes import flatten_tokens
+from lmsae.training.metrics import MetricWindow, batch_statistics, distributed_batch_statistics
 from lmsae.training.optim import OPTIMIZERS, build_optimizer, clip_grad_norm_
 from lmsae.training.schedules import (
     LR_SCHEDULES,
@@ -174,6 +178,11 @@ def checkpoint_steps(total_steps: int, n: int, schedule: str) -> list[int]:
     return sorted(s for s in steps if 0 < s < total_steps)
 
 
+def _flat_tokens(t: torch.Tensor, axes: Any, mask: Any) -> torch.Tensor:
+    f = flatten_tokens(t, axes, mask)
+    return f.reshape(f.shape[0], -1)
+
+
 def _to_device(batch: Mapping[str, Any], device: torch.device, dtype: torch.dtype | None = None) -> dict[str, Any]:
     """Move tensors to ``device``; floating tensors are also cast to ``dtype`` (the model's)."""
     out: dict[str, Any] = {}
@@ -192,9 +201,18 @@ class Trainer:
                  device: torch.device | str = "cpu", loggers: Any = None, hooks: Any = None,
                  output_dir: str | os.PathLike | None = None, registry: Any = None,
                  eval_fn: Callable[[SparseDictionary], Mapping[str, float]] | None = None,
-                 progress: bool = True):
+                 progress: bool = True, mesh: Mesh | None = None,
+                 sharding_rules: Mapping[str, Mapping[str, int]] | None = None, full_config: Any = None):
         self.config = config
         self.model = model
+        #: the process mesh (single process by default); under it ``model`` is this rank's shard
+        self.mesh = mesh if mesh is not None else Mesh.single()
+        self.parallel_context = ParallelContext(self.mesh) if self.mesh.is_distributed else None
+        if self.mesh.is_distributed and sharding_rules is None:
+            raise LmsaeError("a distributed trainer needs the architecture's sharding rules")
+        self.sharding_rules = dict(sharding_rules or {})
+        #: config of the whole dictionary (``model`` may be a shard of it); set by the train task
+        self.full_config = full_config if full_config is not None else model.config
         self.device = torch.device(device)
         self.loggers = loggers
         self.hooks = hooks
@@ -288,34 +306,61 @@ class Trainer:
         label = model.prepare_label(nb)
         mask = nb.get("mask")
         f_axes, o_axes = model.feature_axes(x), model.output_axes(x)
+        with parallel(self.parallel_context) as pctx:
+            return self._compute_loss(model, cfg, x, extras, label, mask, f_axes, o_axes, step, pctx)
+
+    def _compute_loss(self, model: SparseDictionary, cfg: StandardTrainerConfig, x: Any, extras: dict[str, Any],
+                      label: Any, mask: Any, f_axes: Any, o_axes: Any, step: int, pctx: Any) -> dict[str, Any]:
+        # Under a mesh (pctx not None): ``model`` is this rank's shard. Its features' partial
+        # reconstruction is summed over the model group (the output bias added by the first model
+        # rank only); feature-summed losses are summed likewise; a rank's loss covers its own
+        # heads, summed over the head group. reduce_sum passes gradients through unchanged: every
+        # rank then holds the same loss, and each rank's gradient is its share.
+        mg = pctx.feature_group if pctx is not None else None
+        hg = pctx.head_group if pctx is not None else None
         hidden_pre = model.encode_pre(x, **extras)
         acts = model.activate(hidden_pre, mask=mask)
-        recon = model.decode(acts, **extras)
+        if mg is not None and not pctx.first("model"):
+            recon = reduce_sum(model.decode_linear(acts, **extras), mg)
+        else:
+            recon = reduce_sum(model.decode(acts, **extras), mg)
         coef = self.coefficients(step)
-        l_rec = reconstruction_loss(recon, label, o_axes, mask)
+        l_rec = reduce_sum(reconstruction_loss(recon, label, o_axes, mask), hg)
         terms = {"mse_loss": l_rec}
         need_norm = coef["sparsity"] > 0 or coef["lp"] > 0
         dec_norm = model.decoder_norm() if need_norm else None
         if coef["sparsity"] > 0:
             weight = dec_norm if cfg.sparsity_weight_by_decoder_norm else None
-            terms["sparsity_loss"] = coef["sparsity"] * sparsity_penalty(
+            terms["sparsity_loss"] = coef["sparsity"] * reduce_sum(sparsity_penalty(
                 acts, f_axes, kind=cfg.sparsity_loss, decoder_norm=weight, p=cfg.sparsity_p,
-                tanh_stretch=cfg.tanh_stretch, frequency_scale=cfg.frequency_scale, mask=mask)
+                tanh_stretch=cfg.tanh_stretch, frequency_scale=cfg.frequency_scale, mask=mask), mg)
         activation = self._activation()
         if coef["lp"] > 0:
             if not isinstance(activation, JumpReLU):
                 raise LmsaeError("trainer.lp_coefficient > 0 needs a JumpReLU dictionary")
             gated = hidden_pre * dec_norm if getattr(model.config, "decoder_norm_gating", False) else hidden_pre
-            terms["lp_loss"] = coef["lp"] * jumprelu_preact_loss(gated, activation.threshold, f_axes,
-                                                                 decoder_norm=dec_norm, mask=mask)
+            terms["lp_loss"] = coef["lp"] * reduce_sum(jumprelu_preact_loss(
+                gated, activation.threshold, f_axes, decoder_norm=dec_norm, mask=mask), mg)
         if coef["auxk"] > 0:
             dead = self.tracker.dead_mask(min(cfg.dead_threshold_tokens, max(self.tokens, 1)))
             aux = None
-            if bool(dead.any()):
+            any_dead = all_reduce(dead.any().reshape(1), mg, "max") if mg is not None else dead.any()
+            if bool(any_dead):
                 aux_acts = auxk_select(hidden_pre, dead, cfg.k_aux)
-                # the decoders are linear in the activations: decode(a) - decode(0) removes the bias
-                aux = model.decode(aux_acts, **extras) - model.decode(torch.zeros_like(aux_acts), **extras)
-            terms["aux_loss"] = coef["auxk"] * auxk_loss((label - recon).detach(), aux, o_axes, mask=mask)
+                aux = reduce_sum(model.decode_linear(aux_acts, **extras), mg)
+            residual = (label - recon).detach()
+            if pctx is None:
+                terms["aux_loss"] = coef["auxk"] * auxk_loss(residual, aux, o_axes, mask=mask)
+            else:
+                # normalised by the residual's mean squared norm over the GLOBAL batch (all heads),
+                # as one process would
+                numerator = reduce_sum(auxk_loss(residual, aux, o_axes, mask=mask, normalize=False), hg)
+                flat = _flat_tokens(residual, o_axes, mask)
+                sums = torch.stack([flat.double().pow(2).sum(), torch.tensor(float(flat.shape[0]), dtype=torch.float64)])
+                sums = all_reduce(all_reduce(sums, hg), pctx.data_group)
+                # tokens were counted once per head rank
+                denominator = (sums[0] / (sums[1] / self.mesh.size("head"))).clamp_min(1e-30)
+                terms["aux_loss"] = coef["auxk"] * numerator / denominator.to(numerator.dtype)
         loss = sum(terms.values())
         return {"loss": loss, "terms": terms, "acts": acts, "recon": recon, "label": label, "mask": mask,
                 "feature_axes": f_axes, "output_axes": o_axes, "coefficients": coef}
@@ -329,6 +374,8 @@ class Trainer:
             self._activation().k = k
         self.model.train()
         ctx = self.compute_loss(batch, self.step)
+        if self.mesh.is_distributed:
+            return self._finish_distributed_step(ctx, k)
         ctx["loss"].backward()
         clip_params = [p for n, p in self.model.named_parameters() if not n.endswith("log_threshold")]
         grad_norm = clip_grad_norm_(clip_params, self.config.clip_grad_norm)
@@ -350,17 +397,125 @@ class Trainer:
         ctx["k"] = k
         return ctx
 
+    # --- distributed steps --------------------------------------------------------------------
+
+    def _token_count(self, ctx: Mapping[str, Any]) -> int:
+        mask = ctx["mask"]
+        if mask is not None:
+            return int(mask.sum())
+        return int(flatten_tokens(ctx["acts"].detach(), ctx["feature_axes"], None).shape[0])
+
+    def _sync_axes(self, name: str) -> tuple[str, ...]:
+        """Mesh axes over which the gradient of parameter ``name`` is summed: data, and every
+        parallel axis along which the parameter is replicated."""
+        rule = self.sharding_rules.get(name, {})
+        axes = [a for a in ("data",) if self.mesh.size(a) > 1]
+        axes += [a for a in ("head", "model") if self.mesh.size(a) > 1 and a not in rule]
+        return tuple(axes)
+
+    def _sharded_axes(self, name: str) -> tuple[str, ...]:
+        rule = self.sharding_rules.get(name, {})
+        return tuple(a for a in ("head", "model") if self.mesh.size(a) > 1 and a in rule)
+
+    def _reduce_gradients(self) -> None:
+        """Sum gradients over the axes of :meth:`_sync_axes`, one flat all-reduce per group."""
+        buckets: dict[tuple[str, ...], list[torch.nn.Parameter]] = {}
+        for name, p in self.model.named_parameters():
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)  # every rank must take part in every reduction
+            axes = self._sync_axes(name)
+            if axes:
+                buckets.setdefault(axes, []).append(p)
+        for axes, params in buckets.items():
+            flat = torch.cat([p.grad.reshape(-1) for p in params])
+            flat = all_reduce(flat, self.mesh.group(*axes))
+            offset = 0
+            for p in params:
+                n = p.grad.numel()
+                p.grad.copy_(flat[offset:offset + n].view_as(p.grad))
+                offset += n
+
+    def _global_grad_norm(self, names: set[str]) -> torch.Tensor:
+        """L2 norm of the gradients of ``names`` over the whole model (every shard counted once)."""
+        by_axes: dict[tuple[str, ...], torch.Tensor] = {}
+        for name, p in self.model.named_parameters():
+            if name not in names or p.grad is None:
+                continue
+            axes = self._sharded_axes(name)
+            sq = p.grad.detach().double().pow(2).sum()
+            by_axes[axes] = by_axes.get(axes, torch.zeros((), dtype=torch.float64)) + sq.cpu()
+        total = torch.zeros((), dtype=torch.float64)
+        for axes in sorted(set(by_axes) | {a for a in self._all_shard_axes()}):
+            value = by_axes.get(axes, torch.zeros((), dtype=torch.float64))
+            total = total + (all_reduce(value, self.mesh.group(*axes)) if axes else value)
+        return total.sqrt().float()
+
+    def _all_shard_axes(self) -> set[tuple[str, ...]]:
+        # every rank must run the same reductions in the same order: the axis sets of all parameters
+        return {self._sharded_axes(n) for n, _ in self.model.named_parameters()}
+
+    def _finish_distributed_step(self, ctx: dict[str, Any], k: int | None) -> dict[str, Any]:
+        mesh, cfg = self.mesh, self.config
+        dg = mesh.group("data")
+        n_local = self._token_count(ctx)
+        n_global = int(all_reduce(torch.tensor([n_local], dtype=torch.int64), dg)) if dg is not None else n_local
+        # each loss term is a mean over this rank's tokens: weighting by its share of the global
+        # batch and summing the gradients over data ranks gives the gradient of the global mean
+        weight = n_local / max(n_global, 1)
+        (ctx["loss"] * weight).backward()
+        self._reduce_gradients()
+        clip_names = {n for n, _ in self.model.named_parameters() if not n.endswith("log_threshold")}
+        grad_norm = self._global_grad_norm(clip_names)
+        if cfg.clip_grad_norm > 0:
+            coef = torch.clamp(cfg.clip_grad_norm / (grad_norm + 1e-6), max=1.0)
+            for n, p in self.model.named_parameters():
+                if n in clip_names and p.grad is not None:
+                    p.grad.mul_(coef.to(device=p.grad.device, dtype=p.grad.dtype))
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        with torch.no_grad():
+            self.tracker.update(ctx["acts"].detach(), ctx["feature_axes"], ctx["mask"],
+                                reduce=lambda fired, n: (all_reduce(fired, dg, "max"),
+                                                         n_global if dg is not None else n))
+            stats = distributed_batch_statistics(ctx["acts"], ctx["feature_axes"], ctx["recon"], ctx["label"],
+                                                 ctx["output_axes"], ctx["mask"], mesh)
+            names = ["overall_loss", *ctx["terms"]]
+            values = torch.stack([ctx["loss"].detach().double() * weight,
+                                  *(v.detach().double() * weight for v in ctx["terms"].values())])
+            values = all_reduce(values, dg).tolist()
+        self.window.add_batch(stats, dict(zip(names, values)))
+        self.window.add_max("details/gradient_norm_before_clipping", float(grad_norm))
+        self.step += 1
+        self.tokens += n_global
+        ctx["lr"] = lr
+        ctx["k"] = k
+        return ctx
+
+    def _everyone_has(self, have: bool) -> bool:
+        """True when every process of this trainer (data, head and model ranks) has ``have``."""
+        flag = torch.tensor([1 if have else 0], dtype=torch.int64)
+        return bool(all_reduce(flag, self.mesh.group("data", "head", "model"), "min").item())
+
+    def _feature_mean(self, values: torch.Tensor) -> float:
+        """Mean of a per-feature tensor over ALL features (shards summed over the model group)."""
+        sums = torch.stack([values.detach().double().sum().cpu(), torch.tensor(float(values.numel()),
+                                                                                dtype=torch.float64)])
+        sums = all_reduce(sums, self.mesh.group("model"))
+        return float(sums[0] / sums[1].clamp_min(1))
+
     def window_metrics(self, ctx: Mapping[str, Any]) -> dict[str, float]:
         """The logging window's metrics plus the current details."""
         m = self.window.compute()
         seen = max(self.tokens, 1)
         dead = self.tracker.dead_mask(min(self.config.dead_threshold_tokens, seen))
-        m["metrics/dead_fraction"] = float(dead.double().mean())
-        with torch.no_grad():
-            m["metrics/decoder_norm"] = float(self.model.decoder_norm().mean())
+        m["metrics/dead_fraction"] = self._feature_mean(dead)
+        with torch.no_grad(), parallel(self.parallel_context):
+            m["metrics/decoder_norm"] = self._feature_mean(self.model.decoder_norm())
         activation = self._activation()
         if isinstance(activation, JumpReLU):
-            m["metrics/mean_jumprelu_threshold"] = float(activation.threshold.detach().mean())
+            m["metrics/mean_jumprelu_threshold"] = self._feature_mean(activation.threshold.detach())
         if ctx.get("k") is not None:
             m["sparsity/k"] = float(ctx["k"])
         m["details/current_learning_rate"] = float(ctx["lr"])
@@ -369,7 +524,8 @@ class Trainer:
         for name, value in ctx["coefficients"].items():
             m[f"details/{name}_coefficient"] = float(value)
         extra = getattr(self.model, "training_metrics", None)
-        if callable(extra):
+        if callable(extra) and self.mesh.size("model", "head") == 1:
+            # architecture metrics see this rank's features only: reported without feature/head splits
             m.update(extra(ctx))
         return m
 
@@ -384,6 +540,9 @@ class Trainer:
         """
         it: Iterator[Mapping[str, Any]] = iter(stream)
         first = next(it, None)
+        if self.mesh.is_distributed and not self._everyone_has(first is not None):
+            raise DataError(f"the activation stream of a process is empty (rank {self.mesh.rank}: "
+                            f"{'empty' if first is None else 'not empty'}); each data rank needs batches")
         if first is None:
             raise DataError("the activation stream is empty")
         dtype = next(self.model.parameters()).dtype
@@ -393,7 +552,7 @@ class Trainer:
             mask = first.get("mask")
             per_batch = int(mask.numel()) if mask is not None else int(next(
                 v for k, v in first.items() if isinstance(v, torch.Tensor) and v.is_floating_point()).shape[0])
-            self.setup(per_batch)
+            self.setup(per_batch * self.mesh.size("data"))
             torch.manual_seed(self.config.seed)
         if self.hooks is not None:
             self.hooks.lmsae_before_training(trainer=self, dictionary=self.model)
@@ -408,6 +567,9 @@ class Trainer:
             while self.step < self.total_steps:
                 if batch is None:
                     nxt = next(it, None)
+                    # under data parallelism every rank stops at the first step some rank cannot take
+                    if self.mesh.is_distributed and not self._everyone_has(nxt is not None):
+                        nxt = None
                     if nxt is None:
                         reason = "stream_exhausted"
                         break
@@ -462,13 +624,18 @@ class Trainer:
         if self.optimizer is None:
             raise LmsaeError("nothing to save before setup()")
         opt_tensors, opt_meta = optimizer_state_to_flat(self.optimizer)
+        tracker = self.tracker.state_dict()
+        if self.mesh.is_distributed:
+            # collective: the canonical (whole-dictionary) optimizer moments and dead-feature counts
+            opt_tensors = self._convert_optimizer_tensors(opt_tensors, gather=True)
+            tracker = {"tokens_since_fired": self._convert_feature_tensor(tracker["tokens_since_fired"], gather=True)}
         rng_tensors, rng_meta = rng_state_capture()
         return {
             "step": self.step, "tokens": self.tokens, "total_steps": self.total_steps,
             "tokens_per_batch": self.tokens_per_batch,
             "optimizer": {"tensors": opt_tensors, "meta": opt_meta},
             "scheduler": scheduler_state_to_json(self.scheduler),
-            "tracker": self.tracker.state_dict(),
+            "tracker": tracker,
             "window": self.window.state_dict(),
             "rng": {"tensors": rng_tensors, "meta": rng_meta},
             "last_metrics": dict(self.last_metrics),
@@ -480,18 +647,145 @@ class Trainer:
         if int(state["total_steps"]) != self.total_steps:
             raise CheckpointError(f"checkpoint was made for {state['total_steps']} steps but this config gives "
                                   f"{self.total_steps}; trainer.total_training_tokens changed?")
-        self.optimizer.load_state_dict(optimizer_state_from_flat(state["optimizer"]["tensors"],
-                                                                 state["optimizer"]["meta"]))
+        opt_tensors, tracker = state["optimizer"]["tensors"], state["tracker"]
+        if self.mesh.is_distributed:
+            # checkpoints hold the whole dictionary's state: take this shard's part
+            opt_tensors = self._convert_optimizer_tensors(opt_tensors, gather=False)
+            tracker = {"tokens_since_fired": self._convert_feature_tensor(tracker["tokens_since_fired"], gather=False)}
+        self.optimizer.load_state_dict(optimizer_state_from_flat(opt_tensors, state["optimizer"]["meta"]))
         self.scheduler.load_state_dict(scheduler_state_from_json(state["scheduler"]))
-        self.tracker.load_state_dict(state["tracker"])
+        self.tracker.load_state_dict(tracker)
         self.window.load_state_dict(state["window"])
         rng_state_restore(state["rng"]["tensors"], state["rng"]["meta"])
         self.last_metrics = dict(state.get("last_metrics", {}))
 
+    # --- canonical <-> shard conversion of per-parameter state ---------------------------------
+
+    def _optimizer_param_names(self) -> list[str]:
+        """Parameter names in the optimiser's index order (the groups built by :meth:`setup`)."""
+        names = [n for n, _ in self.model.named_parameters()]
+        return [n for n in names if not n.endswith("log_threshold")] + [n for n in names if n.endswith("log_threshold")]
+
+    def _convert_optimizer_tensors(self, tensors: Mapping[str, torch.Tensor], *, gather: bool) -> dict[str, torch.Tensor]:
+        """Optimiser tensors ``state.<index>.<name>`` of a parameter's shape, gathered to the
+        whole dictionary (``gather``) or cut to this shard; other tensors (step counts) unchanged."""
+        from lmsae.distributed.models import gather_state, layout_of
+        from lmsae.distributed.sharding import shard_state
+
+        names = self._optimizer_param_names()
+        params = dict(self.model.named_parameters())
+        out = dict(tensors)
+        by_kind: dict[str, dict[str, str]] = {}
+        for key, value in tensors.items():
+            parts = key.split(".")
+            if len(parts) != 3 or parts[0] != "state" or not parts[1].isdigit() or int(parts[1]) >= len(names):
+                continue
+            name = names[int(parts[1])]
+            if value.ndim == 0:
+                continue
+            by_kind.setdefault(parts[2], {})[name] = key
+        layout = layout_of(self.mesh)
+        for kind in sorted(by_kind):  # the same order on every rank: gathering is collective
+            keys = by_kind[kind]
+            part = {name: tensors[key] for name, key in keys.items()
+                    if (tensors[key].shape == params[name].shape) == gather}
+            if len(part) != len(keys):
+                raise CheckpointError(f"optimizer state {kind!r} does not have the parameters' shapes; "
+                                      "was the checkpoint made for another dictionary?")
+            converted = (gather_state(self.model, self.sharding_rules, self.mesh, state=part) if gather else
+                         shard_state(part, self.sharding_rules, layout, parameters=set(part)))
+            for name, key in keys.items():
+                out[key] = converted[name]
+        return out
+
+    def _feature_rule(self) -> Any:
+        """The ``model``-axis dim rule of the feature axis (a GroupedDim when features are grouped)."""
+        from lmsae.distributed.sharding import GroupedDim
+
+        for rule in self.sharding_rules.values():
+            dim = rule.get("model")
+            if isinstance(dim, GroupedDim):
+                return GroupedDim(-1, dim.group_sizes)
+        return -1
+
+    def _convert_feature_tensor(self, value: torch.Tensor, *, gather: bool) -> torch.Tensor:
+        """A per-feature tensor (last dim = features; replicated over head ranks) gathered or cut."""
+        from lmsae.distributed.models import gather_state, layout_of
+        from lmsae.distributed.sharding import shard_state
+
+        rules = {"features": {"model": self._feature_rule()}}
+        if gather:
+            return gather_state(self.model, rules, self.mesh, state={"features": value})["features"]
+        layout = {a: v for a, v in layout_of(self.mesh).items() if a == "model"}
+        return shard_state({"features": value}, rules, layout)["features"]
+
+    def gather_model(self) -> SparseDictionary:
+        """The whole dictionary in canonical order, on every process (collective under a mesh;
+        the model itself in a single process)."""
+        if not self.mesh.is_distributed:
+            return self.model
+        from lmsae.distributed.models import gather_state
+
+        state = gather_state(self.model, self.sharding_rules, self.mesh)
+        if self.registry is None:
+            raise LmsaeError("gathering a sharded dictionary needs the registry")
+        full = self.registry.architecture(self.full_config.name).model_class(self.full_config)
+        full.load_state_dict(state)
+        first = next(self.model.parameters())
+        return full.to(device=first.device, dtype=first.dtype)
+
+    def _save_distributed_checkpoint(self, stream_state: dict | None) -> pathlib.Path | None:
+        """Every process: gather the canonical dictionary and trainer state; the first process of
+        each data rank writes its stream position; global rank 0 writes the rest and renames."""
+        from lmsae.distributed.collectives import broadcast_object
+
+        mesh = self.mesh
+        group = mesh.group("data", "head", "model")
+        full = self.gather_model()
+        state = self.state_dict()
+        root = self.output_dir / "checkpoints"
+        final = root / f"{CHECKPOINT_PREFIX}{self.step:09d}"
+        tmp_name = None
+        if mesh.is_primary:
+            root.mkdir(parents=True, exist_ok=True)
+            tmp_name = tempfile.mkdtemp(prefix=".tmp-", dir=root)
+        tmp = pathlib.Path(broadcast_object(tmp_name, group))
+        try:
+            if mesh.coord("model") == 0 and mesh.coord("head") == 0:
+                d = mesh.coord("data")
+                name = "stream" if d == 0 else f"stream_d{d}"
+                s_tensors, s_meta = nested_to_flat(stream_state if stream_state is not None else {}, name)
+                save_tensors_and_json(tmp, name, s_tensors, s_meta)
+            torch.distributed.barrier(group=group)
+            if mesh.is_primary:
+                save_dictionary(full, tmp / "dictionary", self.registry)
+                tensors, meta = nested_to_flat({**state, "data_ranks": mesh.size("data")}, "trainer")
+                save_tensors_and_json(tmp, "trainer", tensors, meta)
+                if final.exists():
+                    shutil.rmtree(final)
+                os.replace(tmp, final)
+                log.info("checkpoint saved: %s", final)
+                if self.config.keep_checkpoints is not None:
+                    for old in list_checkpoints(self.output_dir)[: -self.config.keep_checkpoints]:
+                        shutil.rmtree(old, ignore_errors=True)
+        except BaseException:
+            if mesh.is_primary:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        torch.distributed.barrier(group=group)
+        return final
+
     def save_checkpoint(self, stream_state: dict | None) -> pathlib.Path:
-        """Write ``<output_dir>/checkpoints/step_<N>/`` atomically (a temporary directory, then a rename)."""
+        """Write ``<output_dir>/checkpoints/step_<N>/`` atomically (a temporary directory, then a rename).
+
+        Under a mesh (collective): the checkpoint holds the canonical dictionary and optimizer
+        state whatever the layout, plus one stream position per data rank (``stream``,
+        ``stream_d1``...), so a run resumes under another ``model``/``head`` layout (the same
+        number of data ranks: each continues its own shard of the stream)."""
         if self.output_dir is None or self.registry is None:
             raise LmsaeError("checkpoints need an output_dir and a registry")
+        if self.mesh.is_distributed:
+            return self._save_distributed_checkpoint(stream_state)
         root = self.output_dir / "checkpoints"
         root.mkdir(parents=True, exist_ok=True)
         final = root / f"{CHECKPOINT_PREFIX}{self.step:09d}"
@@ -523,10 +817,18 @@ def list_checkpoints(output_dir: str | os.PathLike) -> list[pathlib.Path]:
     return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith(CHECKPOINT_PREFIX))
 
 
-def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Any]]:
-    """``(trainer_state, stream_state)`` of a checkpoint directory."""
+def read_checkpoint(path: str | os.PathLike, data_rank: int = 0,
+                    data_ranks: int = 1) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``(trainer_state, stream_state)`` of a checkpoint directory (the stream position of data
+    rank ``data_rank`` of ``data_ranks``)."""
     path = pathlib.Path(path)
     t_tensors, t_meta = load_tensors_and_json(path, "trainer")
-    s_tensors, s_meta = load_tensors_and_json(path, "stream")
-    return (nested_from_flat(t_tensors, t_meta, str(path / "trainer.json")),
-            nested_from_flat(s_tensors, s_meta, str(path / "stream.json")))
+    trainer = nested_from_flat(t_tensors, t_meta, str(path / "trainer.json"))
+    saved = int(trainer.pop("data_ranks", 1))
+    if saved != data_ranks:
+        raise CheckpointError(f"{path} was written by {saved} data-parallel process{'es' if saved != 1 else ''}; "
+                              f"this run has [distributed] data = {data_ranks} (each data rank resumes its own "
+                              "shard of the stream: keep the data size; model and head may change)")
+    name = "stream" if data_rank == 0 else f"stream_d{data_rank}"
+    s_tensors, s_meta = load_tensors_and_json(path, name)
+    return trainer, nested_from_flat(s_tensors, s_meta, str(path / f"{name}.json"))
