@@ -91,7 +91,7 @@ def test_unknown_task_and_missing_task(registry):
     assert problems(registry, {**good(), "task": "dmeo"})[0].startswith("$.task: unknown task 'dmeo'")
     data = good()
     del data["task"]
-    assert problems(registry, data)[0].startswith("$.task: missing key; installed tasks: analyze, attribute-logits, autointerp, demo, evaluate, generate, init, train")
+    assert problems(registry, data)[0].startswith("$.task: missing key; installed tasks: analyze, attribute-logits, autointerp, demo, evaluate, generate, init, sweep, train")
 
 
 @pytest.mark.parametrize(("key", "value", "expected"), [

@@ -68,10 +68,10 @@ def lmsae_register_stores():
 
 @hookimpl
 def lmsae_register_tasks():
-    from lmsae.tasks import analyze, attribute_logits, autointerp, evaluate, generate, init, train
+    from lmsae.tasks import analyze, attribute_logits, autointerp, evaluate, generate, init, sweep, train
 
     return [analyze.SPEC, attribute_logits.SPEC, autointerp.SPEC, evaluate.SPEC, generate.SPEC, init.SPEC,
-            train.SPEC]
+            sweep.SPEC, train.SPEC]
 
 
 @hookimpl
