@@ -159,12 +159,16 @@ def test_decode_picks_the_sparse_path_below_the_density_threshold(make_model, ra
     x, _ = model.prepare_input(raw_batch(model))
     acts = model.encode(x)
     calls = []
-    monkeypatch.setattr(model, "decode_sparse", lambda a: calls.append("sparse") or model.decode_dense(a))
+    monkeypatch.setattr(model, "decode_sparse",
+                        lambda a, **kw: calls.append("sparse") or model.decode_dense(a, **kw))
     model.decode(acts)
     assert calls == ["sparse"]
+    model.decode_linear(acts)  # the same choice without the bias
+    assert calls == ["sparse", "sparse"]
     model.config = attrs.evolve(model.config, sparse_decode_density=0.0)
     model.decode(acts)
-    assert calls == ["sparse"]
+    model.decode_linear(acts)
+    assert calls == ["sparse", "sparse"]
 
 
 @pytest.mark.parametrize("act_fn", ACT_FNS)

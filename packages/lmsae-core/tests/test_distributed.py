@@ -200,11 +200,29 @@ def test_resume_a_feature_parallel_checkpoint_in_one_process(runs, tmp_path):
     shutil.copytree(tmp / "model2", resumed)
     checkpoints = sorted((resumed / "checkpoints").iterdir())
     assert [c.name for c in checkpoints] == ["step_000000006"]  # of 12 steps
+    # sharded: one file per feature shard, no gathered copy of the dictionary
+    shard_files = sorted(p.name for p in (checkpoints[0] / "shards").glob("*.safetensors"))
+    assert shard_files == ["head0-model0.safetensors", "head0-model1.safetensors"]
+    assert not (checkpoints[0] / "dictionary").exists()
     (resumed / "config.json").unlink()
     config = _config(tmp_path, "resumed", resume=True)
     done = _lmsae(["run", str(config), "--set", "overwrite=false"])
     assert done.returncode == 0, done.stderr[-3000:]
     assert "resuming from" in done.stdout
+    a, b = _weights(tmp / "single"), _weights(resumed)
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5)
+
+
+def test_resume_a_one_process_checkpoint_feature_parallel(runs, tmp_path):
+    """...and the other way round: the one-process run's checkpoint continues on model = 2."""
+    tmp, _, _ = runs
+    resumed = tmp_path / "resumed"
+    shutil.copytree(tmp / "single", resumed)
+    (resumed / "config.json").unlink()
+    config = _config(tmp_path, "resumed", resume=True, distributed={"model": 2})
+    done = _lmsae(["run", str(config), "--set", "overwrite=false"], nproc=2)
+    assert done.returncode == 0, done.stderr[-3000:]
     a, b = _weights(tmp / "single"), _weights(resumed)
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5)

@@ -319,7 +319,9 @@ def test_rules_cover_parameters_and_per_head_buffer() -> None:
 @pytest.mark.parametrize("sizes, act_fn, trainer", [
     ({"head": 2}, "jumprelu", {"sparsity_coefficient": 0.01, "lp_coefficient": 0.001}),
     ({"model": 2}, "batchtopk", {"auxk_coefficient": 0.03, "dead_threshold_tokens": 8}),
-], ids=["head2-jumprelu", "model2-batchtopk-auxk"])
+    ({"data": 2}, "batchtopk", {"sparsity_coefficient": 0.01}),
+    ({"head": 2, "model": 2}, "topk", {"auxk_coefficient": 0.03, "dead_threshold_tokens": 8}),
+], ids=["head2-jumprelu", "model2-batchtopk-auxk", "data2-batchtopk", "head2-model2-topk"])
 def test_training_on_a_mesh_matches_one_process(tmp_path, sizes, act_fn, trainer) -> None:
     from lmsae.testing.distributed import check_parallel_training
 

@@ -17,6 +17,14 @@ masked tokens (their outputs are zero and they do not count in ``n_tokens``).
 
 :func:`build_clt_activation` maps a :class:`~lmsae_clt.config.CLTConfig` to its module
 (``"jumprelu"`` gets a core :class:`~lmsae.nn.activations.JumpReLU` of threshold shape ``(L, F)``).
+
+Distributed (:func:`lmsae.distributed.parallel.current`): under feature parallelism each process
+holds the same slice of every layer's features, ``(tokens..., L, F / model)``, and under data
+parallelism its own tokens. Every selection is then the one a single process makes on the whole
+batch and dictionary: the ``k``-th largest value is taken over the process group
+(:func:`~lmsae.distributed.collectives.global_kth_value`; the per-token selections over the
+``model`` group, the batch selections over ``data`` x ``model`` with ``n_tokens`` counted over
+the ``data`` group) and the entries that are positive and at least that value are kept.
 """
 
 from __future__ import annotations
@@ -26,6 +34,8 @@ import math
 import torch
 from torch import Tensor, nn
 
+from lmsae.distributed.collectives import all_reduce, global_kth_value
+from lmsae.distributed.parallel import current
 from lmsae.errors import ShapeError
 from lmsae.nn.activations import BatchTopK, JumpReLU, ReLU, TopK
 from lmsae_clt.config import CLTConfig
@@ -72,6 +82,13 @@ class LayerTopK(_KModule):
         """``(tokens..., L, F)`` -> same shape; the token mask is ignored (per-token selection)."""
         _check_layered(h, mask, "LayerTopK")
         flat = torch.relu(h).flatten(-2)
+        ctx = current()
+        if ctx is not None and ctx.feature_group is not None:
+            # this process holds a slice of every layer's features: the global k-th value per token
+            k = min(self._k, flat.shape[-1] * ctx.feature_shards)
+            kth = global_kth_value(flat, k, ctx.feature_group)
+            kept = torch.where((flat >= kth) & (flat > 0), flat, torch.zeros_like(flat))
+            return kept.unflatten(-1, h.shape[-2:])
         k = min(self._k, flat.shape[-1])
         values, indices = flat.topk(k, dim=-1, sorted=False)
         return torch.zeros_like(flat).scatter(-1, indices, values).unflatten(-1, h.shape[-2:])
@@ -94,6 +111,19 @@ class BatchTopKPerLayer(_KModule):
             n_tokens = math.prod(h.shape[:-2])
         n_layers, n_feat = h.shape[-2], h.shape[-1]
         per_layer = acts.reshape(-1, n_layers, n_feat).transpose(0, 1).reshape(n_layers, -1)  # (L, N·F)
+        ctx = current()
+        if ctx is not None and ctx.batch_group is not None:
+            # tokens split over data ranks, every layer's features over model ranks: per layer, one
+            # selection over the whole batch and every feature of that layer
+            counts = torch.tensor([float(n_tokens), float(per_layer.shape[1])], dtype=torch.float64,
+                                  device=per_layer.device)
+            n_global, size_global = (int(v) for v in all_reduce(counts, ctx.data_group).tolist())
+            total = min(self._k * n_global, size_global * ctx.feature_shards)
+            if total == 0:
+                return torch.zeros_like(acts)
+            kth = global_kth_value(per_layer, total, ctx.batch_group, dim=1)  # (L, 1)
+            kept = torch.where((per_layer >= kth) & (per_layer > 0), per_layer, torch.zeros_like(per_layer))
+            return kept.reshape(n_layers, -1, n_feat).transpose(0, 1).reshape(h.shape)
         total = min(self._k * n_tokens, per_layer.shape[1])
         if total == 0:
             return torch.zeros_like(acts)
@@ -106,7 +136,8 @@ class BatchLayerTopK(_KModule):
     """ReLU, then the ``k · n_tokens`` largest entries over tokens × layers × features jointly.
 
     The core :class:`~lmsae.nn.activations.BatchTopK` on the ``(tokens..., L·F)`` view: ``k`` is the
-    average number of active features per token, all layers together.
+    average number of active features per token, all layers together. (Distributed, that module
+    does the global selection: any split of the flattened entries over the group gives the same.)
     """
 
     def __init__(self, k: int):

@@ -29,6 +29,14 @@ and every threshold survives folding exactly, with or without gating.
 
 Features are indexed layer-major for analysis: global index ``i·F + f`` is feature f of layer i
 (:meth:`CrossLayerTranscoder.analysis_activations`, :meth:`~CrossLayerTranscoder.decoder_directions`).
+Feature parallelism (``[distributed] model = k``): shard i holds features ``[i F/k, (i+1) F/k)``
+of every layer with their encoders and decoders (:func:`clt_sharding_rules`) and is itself a CLT
+of ``d_sae / k`` features per layer (:func:`clt_shard_config`). Its encoder, activation (the
+selections of :mod:`lmsae_clt.activations` are global across the shards) and decoder compute
+exactly its features' share; the partial predictions are summed across shards, with ``b_D``
+added by the first shard only (:meth:`~CrossLayerTranscoder.decode` there,
+:meth:`~CrossLayerTranscoder.decode_linear` elsewhere). The combined decoder norm of a feature
+reads only its own decoders, so it is local too.
 """
 
 from __future__ import annotations
@@ -37,13 +45,14 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import attrs
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lmsae.dictionary.base import SparseDictionary
-from lmsae.errors import DataError, LmsaeError, ShapeError
+from lmsae.errors import DataError, LmsaeError, ShapeError, ShardingError
 from lmsae.nn.activations import JumpReLU, apply_with_decoder_norm_gating
 from lmsae.nn.axes import flatten_tokens
 from lmsae.records import ArchitectureSpec
@@ -55,6 +64,7 @@ __all__ = [
     "CrossLayerTranscoder",
     "clt_analysis_extras",
     "clt_example_config",
+    "clt_shard_config",
     "clt_sharding_rules",
 ]
 
@@ -141,33 +151,42 @@ class CrossLayerTranscoder(SparseDictionary):
         gradient reads the loss gradient at inactive features (just below θ), which the sparse
         path does not compute (see :meth:`decode_sparse`).
         """
+        return self._decode(feature_acts, bias=True)
+
+    def decode_linear(self, feature_acts: Tensor, **extras: Any) -> Tensor:
+        """:meth:`decode` without the output bias ``b_D``: ``y_j = sum_{i <= j} f_i W_D[i->j]``
+        (the same dense or sparse path as :meth:`decode`)."""
+        return self._decode(feature_acts, bias=False)
+
+    def _decode(self, feature_acts: Tensor, bias: bool) -> Tensor:
         threshold = self.config.sparse_decode_density
         needs_dense_grad = (self.config.act_fn == "jumprelu" and torch.is_grad_enabled()
                             and feature_acts.requires_grad)
         if threshold > 0 and feature_acts.numel() > 0 and not needs_dense_grad:
             density = float(torch.count_nonzero(feature_acts.detach())) / feature_acts.numel()
             if density < threshold:
-                return self.decode_sparse(feature_acts)
-        return self.decode_dense(feature_acts)
+                return self.decode_sparse(feature_acts, bias=bias)
+        return self.decode_dense(feature_acts, bias=bias)
 
     def _check_acts(self, feature_acts: Tensor) -> None:
         if feature_acts.ndim < 3 or feature_acts.shape[-2:] != self.b_E.shape:
             raise ShapeError(f"CLT feature activations must end with (layers, d_sae) = {tuple(self.b_E.shape)}, "
                              f"got shape {tuple(feature_acts.shape)}")
 
-    def decode_dense(self, feature_acts: Tensor) -> Tensor:
+    def decode_dense(self, feature_acts: Tensor, bias: bool = True) -> Tensor:
         """Predictions from dense activations: for each target j one product of
-        ``f[..., :j+1, :]`` (flattened to (j+1)·F) with ``W_D.<j>``."""
+        ``f[..., :j+1, :]`` (flattened to (j+1)·F) with ``W_D.<j>`` (plus ``b_D[j]`` when ``bias``)."""
         self._check_acts(feature_acts)
         outs = []
         for j, w in enumerate(self.W_D):
             src = feature_acts[..., : j + 1, :].flatten(-2)
-            outs.append(src @ w.reshape(-1, w.shape[-1]) + self.b_D[j])
+            out = src @ w.reshape(-1, w.shape[-1])
+            outs.append(out + self.b_D[j] if bias else out)
         return torch.stack(outs, dim=-2)
 
-    def decode_sparse(self, feature_acts: Tensor) -> Tensor:
+    def decode_sparse(self, feature_acts: Tensor, bias: bool = True) -> Tensor:
         """Predictions computed from the non-zero activations only (same value and gradients as
-        :meth:`decode_dense`, see below).
+        :meth:`decode_dense`, see below; ``bias=False`` leaves out ``b_D``).
 
         The active entries ``(token, i, f)`` come in token order; for each target j the entries with
         ``i <= j`` form one bag per token, and ``embedding_bag`` sums their decoder rows of
@@ -196,7 +215,7 @@ class CrossLayerTranscoder(SparseDictionary):
                 offsets[1:] = torch.bincount(t, minlength=n_tokens).cumsum(0)[:-1]
             rows = F.embedding_bag(src[keep] * n_feat + feat[keep], w.reshape(-1, w.shape[-1]), offsets,
                                    mode="sum", per_sample_weights=values[keep].to(w.dtype))
-            outs.append(rows + self.b_D[j])
+            outs.append(rows + self.b_D[j] if bias else rows)
         return torch.stack(outs, dim=1).reshape(*lead, n_layers, self.b_D.shape[-1])
 
     def decoder_norm(self) -> Tensor:
@@ -443,7 +462,12 @@ def clt_sharding_rules(config: CLTConfig) -> dict[str, dict[str, int]]:
     """Tensor-parallel layout: every feature axis is split over the 'model' mesh axis.
 
     ``W_E`` (L, d, F) on dim 2, ``b_E`` (L, F) on dim 1, each ``W_D.<j>`` (j+1, F, o) on dim 1,
-    the JumpReLU ``log_threshold`` (L, F) on its last dim; ``b_D`` is replicated.
+    the JumpReLU ``log_threshold`` (L, F) on its last dim: shard i of k holds features
+    ``[i F/k, (i+1) F/k)`` of EVERY layer, with all their decoders, so a shard is a CLT of
+    ``d_sae / k`` features per layer (:func:`clt_shard_config`). ``b_D`` is replicated (the first
+    'model' rank adds it: :meth:`CrossLayerTranscoder.decode` there,
+    :meth:`~CrossLayerTranscoder.decode_linear` on the others), and so is the buffer
+    ``target_norm_factors`` (one factor per target layer; it needs no rule).
     """
     rules: dict[str, dict[str, int]] = {"W_E": {"model": 2}, "b_E": {"model": 1}, "b_D": {}}
     for j in range(config.n_layers):
@@ -451,6 +475,24 @@ def clt_sharding_rules(config: CLTConfig) -> dict[str, dict[str, int]]:
     if config.act_fn == "jumprelu":
         rules["activation.log_threshold"] = {"model": 1}
     return rules
+
+
+def clt_shard_config(config: CLTConfig, counts: Mapping[str, int]) -> CLTConfig:
+    """The config of one feature shard: ``d_sae // counts["model"]`` features per layer.
+
+    Only the 'model' axis splits a CLT; any other axis of size > 1 raises
+    :class:`~lmsae.errors.ShardingError`, as does a ``d_sae`` that ``model`` does not divide.
+    """
+    extra = sorted(a for a, n in counts.items() if a != "model" and int(n) > 1)
+    if extra:
+        raise ShardingError(f"the CLT has no {extra[0]!r} axis to split (its features split over 'model' only); "
+                            f"set [distributed] {extra[0]} = 1")
+    k = int(counts.get("model", 1))
+    n = config.n_features
+    if k < 1 or n % k:
+        raise ShardingError(f"d_sae = {n} features per layer do not split into {k} equal shards "
+                            f"([distributed] model = {k}); choose d_sae divisible by {k}")
+    return attrs.evolve(config, d_sae=n // k, expansion_factor=None)
 
 
 def clt_example_config() -> CLTConfig:
@@ -481,4 +523,5 @@ CLT_SPEC = ArchitectureSpec(
     example_config=clt_example_config,
     summary="cross-layer transcoder (ReLU, JumpReLU, per-layer / across-layer / batch TopK)",
     analysis_extras=clt_analysis_extras,
+    shard_config=clt_shard_config,
 )

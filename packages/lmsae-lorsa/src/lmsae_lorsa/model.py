@@ -28,6 +28,12 @@ Folding (:meth:`LowRankSparseAttention.fold_scales`) with input scale s and outp
 pre-activations — are exactly those of the normalised model (feature activations keep the
 training scale); ``W_O, b_D <- W / t``; a JumpReLU threshold is unchanged, or divided by t with
 decoder-norm gating (its gate compares ``h * ||W_O[i]||``).
+Feature parallelism (``[distributed] model = m``): shard r holds QK heads ``[r H/m, (r+1) H/m)``
+and exactly the features they drive, ``[r F/m, (r+1) F/m)`` (features are grouped contiguously
+under their head), so a shard is itself a Lorsa of ``H/m`` heads and ``F/m`` features
+(:func:`lmsae_lorsa.spec.lorsa_shard_config`): attention, values, pre-activations and decoder
+norms are local; TopK/BatchTopK select globally (core activations); the partial predictions
+``f W_O`` are summed across shards with ``b_D`` added by the first one.
 """
 
 from __future__ import annotations
@@ -188,6 +194,10 @@ class LowRankSparseAttention(SparseDictionary):
     def decode(self, feature_acts: Tensor, **extras: Any) -> Tensor:
         """Prediction ``(..., d)``: ``f W_O + b_D``."""
         return feature_acts @ self.W_O + self.b_D
+
+    def decode_linear(self, feature_acts: Tensor, **extras: Any) -> Tensor:
+        """``f W_O`` (no output bias)."""
+        return feature_acts @ self.W_O
 
     def decoder_norm(self) -> Tensor:
         """``||W_O[i]||``, ``(F,)``."""

@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
+import attrs
 import numpy as np
 import torch
+from lmsae.errors import ShardingError
 from lmsae.records import ArchitectureSpec
 
 from lmsae_lorsa.config import LorsaConfig
 from lmsae_lorsa.model import LowRankSparseAttention
 
-__all__ = ["LORSA_SPEC", "lorsa_analysis_extras", "lorsa_example_config", "lorsa_sharding_rules"]
+__all__ = ["LORSA_SPEC", "lorsa_analysis_extras", "lorsa_example_config", "lorsa_shard_config",
+           "lorsa_sharding_rules"]
 
 
 def lorsa_sharding_rules(config: LorsaConfig) -> dict[str, dict[str, int]]:
@@ -22,7 +26,9 @@ def lorsa_sharding_rules(config: LorsaConfig) -> dict[str, dict[str, int]]:
     Because features are grouped contiguously under their QK head, rank r of m holds QK heads
     ``[r H/m, (r+1) H/m)`` and exactly their features ``[r F/m, (r+1) F/m)``: attention and
     encoding are local, only the decoder's partial sums ``f W_O`` are all-reduced, then ``b_D``
-    (replicated) is added once. Needs ``n_qk_heads`` divisible by the 'model' axis size.
+    (replicated) is added once (by the first 'model' rank: ``decode`` there, ``decode_linear``
+    elsewhere). Needs ``n_qk_heads`` divisible by the 'model' axis size. Lorsa has no buffers (the
+    rotary frequencies are a plain attribute rebuilt from the config).
     """
     rules: dict[str, dict[str, int]] = {
         "W_Q": {"model": 0}, "W_K": {"model": 0}, "b_Q": {"model": 0}, "b_K": {"model": 0},
@@ -34,6 +40,25 @@ def lorsa_sharding_rules(config: LorsaConfig) -> dict[str, dict[str, int]]:
     if config.act_fn == "jumprelu":
         rules["activation.log_threshold"] = {"model": 0}
     return rules
+
+
+def lorsa_shard_config(config: LorsaConfig, counts: Mapping[str, int]) -> LorsaConfig:
+    """The config of one 'model' shard: ``n_qk_heads // m`` QK heads and their OV groups
+    (``d_sae // m`` features); every other setting (``d_qk_head``, attention scale, RoPE) is kept.
+
+    Raises :class:`~lmsae.errors.ShardingError` when ``m`` does not divide ``n_qk_heads`` or for any
+    other axis of size > 1 (Lorsa splits over 'model' only).
+    """
+    extra = sorted(a for a, n in counts.items() if a != "model" and int(n) > 1)
+    if extra:
+        raise ShardingError(f"Lorsa has no {extra[0]!r} axis to split (its QK heads and features split over "
+                            f"'model' only); set [distributed] {extra[0]} = 1")
+    m = int(counts.get("model", 1))
+    if m < 1 or config.n_qk_heads % m:
+        raise ShardingError(f"n_qk_heads = {config.n_qk_heads} QK heads do not split into {m} equal shards "
+                            f"([distributed] model = {m}); each shard holds whole QK heads with their "
+                            f"{config.ov_group_size} features, so choose n_qk_heads divisible by {m}")
+    return attrs.evolve(config, n_qk_heads=config.n_qk_heads // m, d_sae=config.d_sae // m)
 
 
 def lorsa_example_config() -> LorsaConfig:
@@ -63,4 +88,5 @@ LORSA_SPEC = ArchitectureSpec(
     example_config=lorsa_example_config,
     summary="low-rank sparse attention: causal QK heads driving rank-1 OV features (attention-layer replacement)",
     analysis_extras=lorsa_analysis_extras,
+    shard_config=lorsa_shard_config,
 )

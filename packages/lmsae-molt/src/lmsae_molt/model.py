@@ -24,6 +24,14 @@ of the feature activations, whatever the parallel layout (see :mod:`lmsae_molt.s
 Decoder norms ``||U_i V_i||_F`` are computed through r x r Gram matrices,
 ``||U V||_F^2 = tr((U^T U)(V V^T))`` = the sum of the elementwise product of the two (symmetric)
 Grams, in O(count · r^2 · (d + o)) — never materialising a d x o matrix per feature.
+Feature parallelism (``[distributed] model = k``): shard i holds block i of every rank group —
+its slices of ``U.<r>``/``V.<r>`` and the matching gate columns (:func:`lmsae_molt.spec.molt_sharding_rules`,
+group-aware) — so a shard is itself a MOLT in canonical order with every count divided by k
+(:func:`lmsae_molt.spec.molt_shard_config`; :func:`lmsae_molt.sharding.local_feature_indices`
+maps its local features to the global ones). Gates, decoder norms and transforms are local;
+TopK/BatchTopK select globally (core activations); the partial predictions are summed across
+shards with ``b_D`` added by the first one (:meth:`MixtureOfLinearTransforms.decode` there,
+:meth:`~MixtureOfLinearTransforms.decode_linear` elsewhere).
 """
 
 from __future__ import annotations
@@ -128,13 +136,21 @@ class MixtureOfLinearTransforms(SparseDictionary):
         which is exact. With autograd every feature is kept: JumpReLU's threshold gradient needs
         dL/df_i of inactive features too.
         """
+        out = self._transforms(feature_acts, original_x, "decode")
+        return out + self.b_D if self.b_D is not None else out
+
+    def decode_linear(self, feature_acts: Tensor, original_x: Tensor | None = None, **extras: Any) -> Tensor:
+        """:meth:`decode` without the output bias: ``sum_i f_i U_i (V_i x)`` (linear in the gates ``f``)."""
+        return self._transforms(feature_acts, original_x, "decode_linear")
+
+    def _transforms(self, feature_acts: Tensor, original_x: Tensor | None, what: str) -> Tensor:
         if original_x is None:
-            raise DataError("MOLT decode needs the original input (original_x): its transforms act on it; pass the "
+            raise DataError(f"MOLT {what} needs the original input (original_x): its transforms act on it; pass the "
                             "extras returned by prepare_input")
         d, o, n_f = self.config.d_model, self.config.output_width, self.n_features
         if feature_acts.shape[-1] != n_f or original_x.shape[-1] != d or \
                 feature_acts.shape[:-1] != original_x.shape[:-1]:
-            raise ShapeError(f"MOLT decode: feature activations {tuple(feature_acts.shape)} (..., {n_f}) and input "
+            raise ShapeError(f"MOLT {what}: feature activations {tuple(feature_acts.shape)} (..., {n_f}) and input "
                              f"{tuple(original_x.shape)} (..., {d}) must share their token axes")
         lead = feature_acts.shape[:-1]
         f = feature_acts.reshape(-1, n_f)
@@ -154,8 +170,6 @@ class MixtureOfLinearTransforms(SparseDictionary):
             z = x @ v.reshape(c * r, d).T  # (n, c·r): V_i x for every feature i of the group
             z = (z.view(n, c, r) * f_g.unsqueeze(-1)).reshape(n, c * r)
             out = out + z @ u.transpose(1, 2).reshape(c * r, o)
-        if self.b_D is not None:
-            out = out + self.b_D
         return out.reshape(*lead, o)
 
     def group_norms_squared(self) -> Iterator[tuple[int, Tensor]]:

@@ -62,6 +62,9 @@ def shard_model(full: torch.nn.Module, spec: Any, mesh: Mesh) -> torch.nn.Module
     rules = spec.sharding_rules(full.config)
     config = shard_config_for(spec, full.config, layout)
     shard = spec.model_class(config)
+    first = next(full.parameters(), None)
+    if first is not None:  # before loading: the state must not pass through another dtype
+        shard.to(device=first.device, dtype=first.dtype)
     state = shard_state(full.state_dict(), rules, layout, parameters=_parameter_names(full))
     own = shard.state_dict()
     wrong = {k: (tuple(v.shape), tuple(own[k].shape)) for k, v in state.items() if k in own and v.shape != own[k].shape}
@@ -70,9 +73,6 @@ def shard_model(full: torch.nn.Module, spec: Any, mesh: Mesh) -> torch.nn.Module
         raise ShardingError(f"{spec.name}: the sharding rules give {name} the shape {got} but the shard config "
                             f"builds {want} (shard_config and sharding_rules disagree)")
     shard.load_state_dict(state)
-    first = next(full.parameters(), None)
-    if first is not None:
-        shard.to(device=first.device, dtype=first.dtype)
     return shard
 
 

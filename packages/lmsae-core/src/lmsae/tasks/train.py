@@ -32,7 +32,7 @@ from lmsae.config import (
 )
 from lmsae.dictionary.base import SparseDictionary
 from lmsae.config.fields import FieldValueError, non_negative, positive
-from lmsae.dictionary.io import PretrainedConfig, load_dictionary, save_dictionary
+from lmsae.dictionary.io import PretrainedConfig, save_dictionary
 from lmsae.distributed.mesh import DistributedConfig, build_mesh
 from lmsae.errors import ConfigError, LmsaeError
 from lmsae.logging.loggers import ConsoleLoggerConfig, JsonlLoggerConfig, LoggerContext, MultiLogger
@@ -49,7 +49,7 @@ from lmsae.tasks.common import (
 from lmsae.training.evaluation import evaluate_reconstruction
 from lmsae.training.initializer import InitializerConfig, initialize
 from lmsae.training.state_io import atomic_write_json
-from lmsae.training.trainer import StandardTrainerConfig, TrainResult, list_checkpoints, read_checkpoint
+from lmsae.training.trainer import StandardTrainerConfig, TrainResult, list_checkpoints, read_checkpoint_state
 
 log = logging.getLogger(__name__)
 
@@ -206,8 +206,9 @@ def run(cfg: TrainRunConfig, context: RunContext) -> TrainResult:
         out.mkdir(parents=True, exist_ok=True)
 
     if checkpoint is not None:
-        model = load_dictionary(checkpoint / "dictionary", registry).to(dtype=dtype)
-        trainer_state, stream_state = read_checkpoint(checkpoint, mesh.coord("data"), n_data)
+        # canonical whatever layout wrote it; shard_model below takes this process's part
+        model, trainer_state, stream_state = read_checkpoint_state(checkpoint, registry, mesh.coord("data"), n_data)
+        model = model.to(dtype=dtype)
         context.echo(f"resuming from {checkpoint} (step {trainer_state['step']})")
     else:
         if cfg.pretrained is not None:

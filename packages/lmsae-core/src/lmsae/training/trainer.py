@@ -687,13 +687,14 @@ class Trainer:
         layout = layout_of(self.mesh)
         for kind in sorted(by_kind):  # the same order on every rank: gathering is collective
             keys = by_kind[kind]
-            part = {name: tensors[key] for name, key in keys.items()
-                    if (tensors[key].shape == params[name].shape) == gather}
-            if len(part) != len(keys):
-                raise CheckpointError(f"optimizer state {kind!r} does not have the parameters' shapes; "
-                                      "was the checkpoint made for another dictionary?")
+            part = {name: tensors[key] for name, key in keys.items()}
             converted = (gather_state(self.model, self.sharding_rules, self.mesh, state=part) if gather else
                          shard_state(part, self.sharding_rules, layout, parameters=set(part)))
+            wrong = [] if gather else [n for n, v in converted.items() if v.shape != params[n].shape]
+            if wrong:
+                raise CheckpointError(f"optimizer state {kind!r} of {wrong[0]} has shape "
+                                      f"{tuple(converted[wrong[0]].shape)}, not the parameter's "
+                                      f"{tuple(params[wrong[0]].shape)}: was the checkpoint made for another dictionary?")
             for name, key in keys.items():
                 out[key] = converted[name]
         return out
@@ -735,14 +736,14 @@ class Trainer:
         return full.to(device=first.device, dtype=first.dtype)
 
     def _save_distributed_checkpoint(self, stream_state: dict | None) -> pathlib.Path | None:
-        """Every process: gather the canonical dictionary and trainer state; the first process of
-        each data rank writes its stream position; global rank 0 writes the rest and renames."""
+        """Sharded: each (head, model) shard of data rank 0 writes its own weights, optimizer
+        moments and dead-feature counters (``shards/head<h>-model<m>``), the first process of each
+        data rank its stream position, global rank 0 the trainer state and the layout; nothing is
+        gathered. :func:`read_checkpoint_state` reassembles the canonical state, for any layout."""
         from lmsae.distributed.collectives import broadcast_object
 
         mesh = self.mesh
         group = mesh.group("data", "head", "model")
-        full = self.gather_model()
-        state = self.state_dict()
         root = self.output_dir / "checkpoints"
         final = root / f"{CHECKPOINT_PREFIX}{self.step:09d}"
         tmp_name = None
@@ -750,28 +751,56 @@ class Trainer:
             root.mkdir(parents=True, exist_ok=True)
             tmp_name = tempfile.mkdtemp(prefix=".tmp-", dir=root)
         tmp = pathlib.Path(broadcast_object(tmp_name, group))
+        failed = False
         try:
+            opt_tensors, opt_meta = optimizer_state_to_flat(self.optimizer)
+            if mesh.coord("data") == 0:
+                tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()}
+                tensors.update({f"optimizer.{k}": v for k, v in opt_tensors.items()})
+                tensors["tracker.tokens_since_fired"] = self.tracker.state_dict()["tokens_since_fired"].cpu()
+                save_tensors_and_json(tmp / "shards", f"head{mesh.coord('head')}-model{mesh.coord('model')}",
+                                      tensors, {"head": mesh.coord("head"), "model": mesh.coord("model")})
             if mesh.coord("model") == 0 and mesh.coord("head") == 0:
                 d = mesh.coord("data")
                 name = "stream" if d == 0 else f"stream_d{d}"
                 s_tensors, s_meta = nested_to_flat(stream_state if stream_state is not None else {}, name)
                 save_tensors_and_json(tmp, name, s_tensors, s_meta)
+        except BaseException:
+            failed = True
+            raise
+        finally:
+            # every process reaches the barrier (an error is re-raised after it, never a hang)
             torch.distributed.barrier(group=group)
-            if mesh.is_primary:
-                save_dictionary(full, tmp / "dictionary", self.registry)
-                tensors, meta = nested_to_flat({**state, "data_ranks": mesh.size("data")}, "trainer")
+            if failed and mesh.is_primary:
+                shutil.rmtree(tmp, ignore_errors=True)
+        if mesh.is_primary:
+            try:
+                rng_tensors, rng_meta = rng_state_capture()
+                state = {
+                    "step": self.step, "tokens": self.tokens, "total_steps": self.total_steps,
+                    "tokens_per_batch": self.tokens_per_batch,
+                    "optimizer": {"tensors": {}, "meta": opt_meta},
+                    "scheduler": scheduler_state_to_json(self.scheduler),
+                    "window": self.window.state_dict(),
+                    "rng": {"tensors": rng_tensors, "meta": rng_meta},
+                    "last_metrics": dict(self.last_metrics),
+                    "data_ranks": mesh.size("data"),
+                    "layout": {"head": mesh.size("head"), "model": mesh.size("model")},
+                    "optimizer_parameters": self._optimizer_param_names(),
+                    "dictionary_config": self.registry.unstructure(self.full_config),
+                }
+                tensors, meta = nested_to_flat(state, "trainer")
                 save_tensors_and_json(tmp, "trainer", tensors, meta)
                 if final.exists():
                     shutil.rmtree(final)
                 os.replace(tmp, final)
-                log.info("checkpoint saved: %s", final)
-                if self.config.keep_checkpoints is not None:
-                    for old in list_checkpoints(self.output_dir)[: -self.config.keep_checkpoints]:
-                        shutil.rmtree(old, ignore_errors=True)
-        except BaseException:
-            if mesh.is_primary:
+            except BaseException:
                 shutil.rmtree(tmp, ignore_errors=True)
-            raise
+                raise
+            log.info("checkpoint saved: %s (sharded: %d file(s))", final, mesh.size("head", "model"))
+            if self.config.keep_checkpoints is not None:
+                for old in list_checkpoints(self.output_dir)[: -self.config.keep_checkpoints]:
+                    shutil.rmtree(old, ignore_errors=True)
         torch.distributed.barrier(group=group)
         return final
 
@@ -815,6 +844,71 @@ def list_checkpoints(output_dir: str | os.PathLike) -> list[pathlib.Path]:
     if not root.is_dir():
         return []
     return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith(CHECKPOINT_PREFIX))
+
+
+def _feature_dim_rule(rules: Mapping[str, Mapping[str, int]]) -> Any:
+    from lmsae.distributed.sharding import GroupedDim
+
+    for rule in rules.values():
+        dim = rule.get("model")
+        if isinstance(dim, GroupedDim):
+            return GroupedDim(-1, dim.group_sizes)
+    return -1
+
+
+def read_checkpoint_state(path: str | os.PathLike, registry: Any, data_rank: int = 0,
+                          data_ranks: int = 1) -> tuple[SparseDictionary, dict[str, Any], dict[str, Any]]:
+    """``(dictionary, trainer_state, stream_state)`` of a checkpoint, in canonical (whole-dictionary)
+    form whatever layout wrote it: a single-process checkpoint, or the shard files of a distributed
+    run reassembled with the architecture's sharding rules. A trainer under any layout takes its
+    own part (:meth:`Trainer.load_state_dict`)."""
+    from lmsae.dictionary.io import load_dictionary
+
+    path = pathlib.Path(path)
+    trainer_state, stream_state = read_checkpoint(path, data_rank, data_ranks)
+    if not (path / "shards").is_dir():
+        trainer_state.pop("layout", None)
+        return load_dictionary(path / "dictionary", registry), trainer_state, stream_state
+    from lmsae.config.base import DictionaryConfig
+    from lmsae.distributed.sharding import unshard_state
+
+    layout = trainer_state.pop("layout")
+    names = trainer_state.pop("optimizer_parameters")
+    config = registry.structure(trainer_state.pop("dictionary_config"), DictionaryConfig)
+    spec = registry.architecture(config.name)
+    rules = spec.sharding_rules(config)
+    heads, models = int(layout["head"]), int(layout["model"])
+    shards = {}
+    for h in range(heads):
+        for m in range(models):
+            tensors, _ = load_tensors_and_json(path / "shards", f"head{h}-model{m}")
+            shards[(h, m)] = tensors
+    axes, counts = ["head", "model"], [heads, models]
+    model_parts = {key: {k[len("model."):]: v for k, v in t.items() if k.startswith("model.")}
+                   for key, t in shards.items()}
+    model = spec.model_class(config)
+    params = {n for n, _ in model.named_parameters()}
+    state = unshard_state(model_parts, rules, axes, counts, parameters=params)
+    model.load_state_dict(state)
+    # optimizer tensors of a parameter's shape are sharded like it; the rest (step counts) replicated
+    opt_rules: dict[str, Mapping[str, int]] = {}
+    opt_parts: dict[tuple[int, ...], dict[str, torch.Tensor]] = {key: {} for key in shards}
+    for key, tensors in shards.items():
+        for k, v in tensors.items():
+            if not k.startswith("optimizer."):
+                continue
+            flat = k[len("optimizer."):]
+            parts = flat.split(".")
+            if len(parts) == 3 and parts[0] == "state" and parts[1].isdigit() and v.ndim > 0:
+                opt_rules[flat] = rules.get(names[int(parts[1])], {})
+            else:
+                opt_rules[flat] = {}
+            opt_parts[key][flat] = v
+    trainer_state["optimizer"]["tensors"] = unshard_state(opt_parts, opt_rules, axes, counts)
+    tracker_rules = {"tokens_since_fired": {"model": _feature_dim_rule(rules)}}
+    tracker_parts = {key: {"tokens_since_fired": t["tracker.tokens_since_fired"]} for key, t in shards.items()}
+    trainer_state["tracker"] = unshard_state(tracker_parts, tracker_rules, axes, counts)
+    return model, trainer_state, stream_state
 
 
 def read_checkpoint(path: str | os.PathLike, data_rank: int = 0,
