@@ -318,3 +318,28 @@ def test_dictionary_and_pretrained_are_exclusive(registry, tmp_path):
     data["pretrained"] = {"path": str(tmp_path)}
     with pytest.raises(ConfigError, match=r"\$\.dictionary: set exactly one of"):
         registry.structure(data, RunConfig)
+
+
+def test_mixed_precision_is_chosen_per_device():
+    """'auto' never turns bf16 on for a CPU (no native bf16 here: far slower than fp32); 'bf16'
+    forces autocast, whose forward runs in bf16 while weights and the loss stay fp32."""
+    import torch
+
+    from lmsae.dictionary.sae import SAEConfig, SparseAutoEncoder
+    from lmsae.training.trainer import StandardTrainerConfig, Trainer
+
+    model = SparseAutoEncoder(SAEConfig(hook_point_in="h", d_model=8, d_sae=16, act_fn="topk", top_k=2,
+                                        normalization="none"))
+    batch = {"h": torch.randn(32, 8, generator=torch.Generator().manual_seed(0))}
+    auto = Trainer(StandardTrainerConfig(total_training_tokens=64), model, progress=False)
+    assert auto.autocast_dtype() is None
+    forced = Trainer(StandardTrainerConfig(total_training_tokens=64, mixed_precision="bf16"), model, progress=False)
+    assert forced.autocast_dtype() == torch.bfloat16
+    forced.setup(32)
+    ctx = forced.train_step(batch)
+    assert ctx["loss"].dtype == torch.float32 and torch.isfinite(ctx["loss"])
+    with forced._autocast():
+        assert model.encode_pre(batch["h"]).dtype == torch.bfloat16  # the matmuls ran in bf16
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    plain = auto.compute_loss(batch, 0)
+    assert plain["recon"].dtype == torch.float32

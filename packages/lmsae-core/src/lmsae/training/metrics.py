@@ -51,13 +51,13 @@ def batch_statistics(feature_acts: Tensor, feature_axes: Sequence[str], reconstr
         "n_tokens": torch.tensor(float(n), dtype=torch.float64, device=y.device),
         "sq_err": err.sum(),
         "explained_variance": (1 - err.sum() / var.sum().clamp_min(1e-30)) if n > 1 else torch.zeros((), dtype=torch.float64, device=y.device),
-        "l0": active.reshape(n, -1).sum(-1).double().sum(),
+        "l0": active.sum(dtype=torch.float64),
         "l2_error": err.sqrt().sum(),
         "label_norm": y_norm.sum(),
         "l2_ratio": (x_hat.norm(dim=-1) / y_norm.clamp_min(1e-30)).sum(),
-        "act_sum": acts.double().sum(),
-        "act_count": active.sum().double(),
-        "feature_count": active.sum(0).double(),  # (*feature_dims,)
+        "act_sum": acts.sum(dtype=torch.float64),
+        "act_count": active.sum(dtype=torch.float64),
+        "feature_count": active.sum(0, dtype=torch.float64),  # (*feature_dims,)
     }
 
 
@@ -115,18 +115,23 @@ class MetricWindow:
     def reset(self) -> None:
         self.n_batches = 0
         self.sums: dict[str, Tensor] = {}
-        self.scalars: dict[str, float] = {}
-        self.maxima: dict[str, float] = {}
+        # scalars and maxima stay tensors (float64) until compute(): no host sync per step
+        self.scalars: dict[str, Tensor] = {}
+        self.maxima: dict[str, Tensor] = {}
 
-    def add_batch(self, stats: Mapping[str, Tensor], losses: Mapping[str, float]) -> None:
+    def add_batch(self, stats: Mapping[str, Tensor], losses: Mapping[str, Tensor | float]) -> None:
         self.n_batches += 1
         for k, v in stats.items():
             self.sums[k] = self.sums[k] + v if k in self.sums else v.clone()
         for k, v in losses.items():
-            self.scalars[k] = self.scalars.get(k, 0.0) + float(v)
+            v = v.detach().to(torch.float64) if isinstance(v, Tensor) else torch.tensor(float(v), dtype=torch.float64)
+            self.scalars[k] = self.scalars[k] + v.to(self.scalars[k].device) if k in self.scalars else v
 
-    def add_max(self, name: str, value: float) -> None:
-        self.maxima[name] = max(self.maxima.get(name, float("-inf")), float(value))
+    def add_max(self, name: str, value: Tensor | float) -> None:
+        v = value.detach().to(torch.float64) if isinstance(value, Tensor) else torch.tensor(float(value),
+                                                                                           dtype=torch.float64)
+        self.maxima[name] = torch.maximum(self.maxima[name], v.to(self.maxima[name].device)) if name in self.maxima \
+            else v
 
     def compute(self) -> dict[str, float]:
         """Window averages under their stable names (empty when nothing was added)."""
@@ -135,7 +140,7 @@ class MetricWindow:
         s = {k: v for k, v in self.sums.items()}
         nb = self.n_batches
         n = float(s["n_tokens"])
-        out: dict[str, float] = {f"losses/{k}": v / nb for k, v in self.scalars.items()}
+        out: dict[str, float] = {f"losses/{k}": float(v) / nb for k, v in self.scalars.items()}
         out["metrics/explained_variance"] = float(s["explained_variance"]) / nb
         out["metrics/l0"] = float(s["l0"]) / max(n, 1.0)
         out["metrics/mse"] = float(s["sq_err"]) / max(n, 1.0)
@@ -148,15 +153,16 @@ class MetricWindow:
             out[f"sparsity/above_{v:.0e}".replace("e-0", "e-")] = float((freq > v).sum())
         for v in FREQUENCY_BELOW:
             out[f"sparsity/below_{v:.0e}".replace("e-0", "e-")] = float((freq < v).sum())
-        out.update(self.maxima)
+        out.update({k: float(v) for k, v in self.maxima.items()})
         return out
 
     def state_dict(self) -> dict:
-        return {"n_batches": self.n_batches, "sums": dict(self.sums), "scalars": dict(self.scalars),
-                "maxima": dict(self.maxima)}
+        return {"n_batches": self.n_batches, "sums": dict(self.sums),
+                "scalars": {k: float(v) for k, v in self.scalars.items()},
+                "maxima": {k: float(v) for k, v in self.maxima.items()}}
 
     def load_state_dict(self, state: Mapping) -> None:
         self.n_batches = int(state["n_batches"])
         self.sums = {k: v.clone() for k, v in state["sums"].items()}
-        self.scalars = {k: float(v) for k, v in state["scalars"].items()}
-        self.maxima = {k: float(v) for k, v in state["maxima"].items()}
+        self.scalars = {k: torch.tensor(float(v), dtype=torch.float64) for k, v in state["scalars"].items()}
+        self.maxima = {k: torch.tensor(float(v), dtype=torch.float64) for k, v in state["maxima"].items()}

@@ -16,6 +16,7 @@ bit-for-bit where an uninterrupted one would (on CPU).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -148,6 +149,10 @@ class StandardTrainerConfig(TrainerConfig):
         "finish", doc="If the stream ends before total_training_tokens: 'finish' saves what was learnt and reports "
                       "it; 'error' fails the run.")
     seed: int = option(0, doc="Seed of the torch RNG during training.")
+    mixed_precision: Literal["auto", "off", "bf16"] = option(
+        "auto", doc="bf16 autocast of the forward pass (weights and optimizer stay in the run's dtype). 'auto': on "
+                    "for CUDA devices that support bf16, off elsewhere — on CPUs without native bf16 (AVX2, no "
+                    "AVX-512/AMX) bf16 matmuls are 5-400x slower than fp32 (benchmarks/README.md).")
 
 
 @attrs.frozen
@@ -306,8 +311,22 @@ class Trainer:
         label = model.prepare_label(nb)
         mask = nb.get("mask")
         f_axes, o_axes = model.feature_axes(x), model.output_axes(x)
-        with parallel(self.parallel_context) as pctx:
+        with parallel(self.parallel_context) as pctx, self._autocast():
             return self._compute_loss(model, cfg, x, extras, label, mask, f_axes, o_axes, step, pctx)
+
+    def autocast_dtype(self) -> torch.dtype | None:
+        """The autocast dtype of the forward pass on this trainer's device (None: full precision)."""
+        mode = self.config.mixed_precision
+        if mode == "auto":
+            cuda_bf16 = self.device.type == "cuda" and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+            return torch.bfloat16 if cuda_bf16 else None
+        return torch.bfloat16 if mode == "bf16" else None
+
+    def _autocast(self) -> Any:
+        dtype = self.autocast_dtype()
+        if dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=dtype)
 
     def _compute_loss(self, model: SparseDictionary, cfg: StandardTrainerConfig, x: Any, extras: dict[str, Any],
                       label: Any, mask: Any, f_axes: Any, o_axes: Any, step: int, pctx: Any) -> dict[str, Any]:
@@ -388,9 +407,9 @@ class Trainer:
             stats = batch_statistics(ctx["acts"], ctx["feature_axes"], ctx["recon"], ctx["label"],
                                      ctx["output_axes"], ctx["mask"])
         n_tokens = int(ctx["mask"].sum()) if ctx["mask"] is not None else int(stats["n_tokens"])
-        self.window.add_batch(stats, {"overall_loss": float(ctx["loss"].detach()),
-                                      **{k2: float(v.detach()) for k2, v in ctx["terms"].items()}})
-        self.window.add_max("details/gradient_norm_before_clipping", float(grad_norm))
+        self.window.add_batch(stats, {"overall_loss": ctx["loss"].detach(),
+                                      **{k2: v.detach() for k2, v in ctx["terms"].items()}})
+        self.window.add_max("details/gradient_norm_before_clipping", grad_norm)
         self.step += 1
         self.tokens += n_tokens
         ctx["lr"] = lr
@@ -486,7 +505,7 @@ class Trainer:
                                   *(v.detach().double() * weight for v in ctx["terms"].values())])
             values = all_reduce(values, dg).tolist()
         self.window.add_batch(stats, dict(zip(names, values)))
-        self.window.add_max("details/gradient_norm_before_clipping", float(grad_norm))
+        self.window.add_max("details/gradient_norm_before_clipping", grad_norm)
         self.step += 1
         self.tokens += n_global
         ctx["lr"] = lr
