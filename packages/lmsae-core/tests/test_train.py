@@ -333,6 +333,7 @@ def test_mixed_precision_is_chosen_per_device():
     batch = {"h": torch.randn(32, 8, generator=torch.Generator().manual_seed(0))}
     auto = Trainer(StandardTrainerConfig(total_training_tokens=64), model, progress=False)
     assert auto.autocast_dtype() is None
+    auto.setup(32)
     forced = Trainer(StandardTrainerConfig(total_training_tokens=64, mixed_precision="bf16"), model, progress=False)
     assert forced.autocast_dtype() == torch.bfloat16
     forced.setup(32)
