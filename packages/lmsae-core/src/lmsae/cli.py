@@ -114,6 +114,19 @@ def build_cli(registry: Registry) -> click.Group:
         cfg = spec.example(reg, **kwargs)
         click.echo(f"# lmsae config example {name}\n" + dumps_toml(reg.unstructure(cfg)), nl=False)
 
+    @config.command("reference")
+    @click.option("--distribution", "distributions", multiple=True,
+                  help="Only components from these distributions (repeatable; default: every installed one).")
+    @click.pass_context
+    def config_reference(ctx: click.Context, distributions: tuple[str, ...]) -> None:
+        """Print the configuration reference (Markdown) of every installed component."""
+        from lmsae.config.reference import render_reference
+
+        reg = _registry(ctx)
+        if distributions:
+            reg = reg.restricted(set(distributions))
+        click.echo(render_reference(reg), nl=False)
+
     return cli
 
 

@@ -198,6 +198,17 @@ class Registry:
         kinds = [self._kind(kind).name] if kind else list(KINDS)
         return [self._entries[k][n] for k in kinds for n in sorted(self._entries[k])]
 
+    def restricted(self, distributions: set[str]) -> Registry:
+        """A copy holding only the components of ``distributions`` (e.g. for a reference of the
+        lmsae packages alone); commands and hooks are shared with this registry."""
+        import copy
+
+        out = copy.copy(self)
+        out._entries = {k: {n: e for n, e in v.items() if e.distribution in distributions}
+                        for k, v in self._entries.items()}
+        out._converter = None
+        return out
+
     def entry(self, kind: str, name: str) -> Entry:
         """The entry of ``kind`` called ``name``; :class:`UnknownNameError` lists the choices."""
         k = self._kind(kind)
