@@ -344,3 +344,38 @@ def test_mixed_precision_is_chosen_per_device():
     low, full = forced.compute_loss(batch, 1)["recon"], auto.compute_loss(batch, 1)["recon"]
     assert not torch.equal(low, full)
     torch.testing.assert_close(low.float(), full, rtol=0.05, atol=0.05)
+
+
+@pytest.mark.parametrize("input_bias", [False, True])
+def test_fused_topk_path_trains_like_the_plain_path(input_bias):
+    """fast_path = true (the default) and false give the same weights, metrics and dead-feature
+    counts after several steps with AuxK active (float64), and the fast path was really taken."""
+    import torch
+
+    from lmsae.dictionary.sae import SAEConfig, SparseAutoEncoder
+    from lmsae.training.trainer import StandardTrainerConfig, Trainer
+
+    def run(fast: bool):
+        torch.manual_seed(0)
+        model = SparseAutoEncoder(SAEConfig(hook_point_in="h", d_model=8, d_sae=64, act_fn="topk", top_k=3,
+                                            normalization="none", apply_decoder_bias_to_input=input_bias))
+        model.reset_parameters(torch.Generator().manual_seed(1))
+        model = model.double()
+        g = torch.Generator().manual_seed(2)
+        batches = [{"h": torch.randn(32, 8, generator=g, dtype=torch.float64)} for _ in range(6)]
+        cfg = StandardTrainerConfig(total_training_tokens=6 * 32, lr=1e-2, log_every=2, auxk_coefficient=0.1,
+                                    dead_threshold_tokens=32, k_aux=8, fast_path=fast, lr_warmup_steps=0)
+        trainer = Trainer(cfg, model, progress=False)
+        result = trainer.fit(batches)
+        return model, trainer, result
+
+    fast_model, fast_trainer, fast = run(True)
+    plain_model, plain_trainer, plain = run(False)
+    assert "pre" in fast_trainer._buffers and not plain_trainer._buffers  # the fused path ran
+    for (name, a), b in zip(fast_model.state_dict().items(), plain_model.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12, msg=name)
+    assert fast.metrics.keys() == plain.metrics.keys()
+    for key, value in plain.metrics.items():
+        assert fast.metrics[key] == pytest.approx(value, rel=1e-9, abs=1e-12), key
+    torch.testing.assert_close(fast_trainer.tracker.tokens_since_fired, plain_trainer.tracker.tokens_since_fired)
+    assert fast.metrics["losses/aux_loss"] > 0

@@ -267,6 +267,46 @@ class SparseAutoEncoder(SparseDictionary):
             out = out + self.b_D
         return out.reshape(*lead, self.W_D.shape[1])
 
+    def fused_topk_forward(self, x: Tensor, buffers: dict[str, Any] | None = None
+                           ) -> tuple[Tensor, Tensor, Tensor] | None:
+        """``(recon, indices, values)`` by the fast TopK path, or None where it does not apply.
+
+        Same result and gradients as ``decode(activate(encode_pre(x)))`` (see
+        :func:`lmsae.nn.fused.topk_sae_forward`), computed with one dense encoder product, a
+        sparse decode and a sparse backward. ``buffers`` is a dict the caller keeps across steps
+        (the pre-activation buffer is reused; ``buffers["pre"]`` holds this call's
+        pre-activations, without gradient, until the next call).
+
+        Applies exactly when: ``act_fn == "topk"`` (k = ``self.activation.k``, so a scheduled k
+        is honoured); no ``decoder_norm_gating``; no ``use_glu_encoder``; no feature-parallel
+        forward context is active (a sharded TopK needs a global selection); autocast is off
+        for ``x``'s device; ``x`` is floating point with the parameters' dtype and device and
+        ends with ``d_model``. Decoder bias on or off, ``apply_decoder_bias_to_input`` (its
+        gradient from both uses is summed) and transcoders of another output width are
+        supported. Returns None otherwise (``relu``, ``jumprelu``, ``batchtopk``, ...).
+        """
+        from lmsae.nn.activations import TopK
+        from lmsae.nn.fused import topk_sae_forward
+
+        cfg = self.config
+        if (cfg.act_fn != "topk" or not isinstance(self.activation, TopK) or cfg.decoder_norm_gating
+                or cfg.use_glu_encoder or self.W_E_glu is not None):
+            return None
+        from lmsae.distributed.parallel import current
+
+        ctx = current()
+        if ctx is not None and getattr(ctx, "feature_group", None) is not None:
+            return None
+        if not isinstance(x, Tensor) or not x.is_floating_point() or x.dtype != self.W_E.dtype:
+            return None
+        if x.device != self.W_E.device or x.ndim < 1 or x.shape[-1] != cfg.d_model:
+            return None
+        if torch.is_autocast_enabled(x.device.type):
+            return None
+        input_bias = self.b_D if cfg.apply_decoder_bias_to_input else None
+        return topk_sae_forward(x, self.W_E, self.b_E, self.W_D, self.b_D, self.activation.k,
+                                input_bias=input_bias, buffers=buffers)
+
     def decoder_norm(self) -> Tensor:
         """L2 norm of each decoder row, ``(d_sae,)``."""
         return self.W_D.norm(dim=1)

@@ -252,6 +252,28 @@ class DeadFeatureTracker:
         counts = counts + n_tokens
         self.tokens_since_fired = counts.masked_fill(fired, 0)
 
+    @torch.no_grad()
+    def update_sparse(self, indices: Tensor, values: Tensor, mask: Tensor | None = None) -> None:
+        """:meth:`update` from sparse activations: ``indices``/``values`` ``(*tokens, k)`` of a
+        single feature axis (as a fused TopK path returns them), ``mask`` of shape ``tokens``."""
+        if len(self.shape) != 1:
+            raise ShapeError(f"sparse updates need a single feature axis, the tracker has shape {self.shape}")
+        k = indices.shape[-1]
+        idx, val = indices.reshape(-1, k), values.detach().reshape(-1, k)
+        live = val > 0
+        if mask is not None:
+            rows = mask.reshape(-1) != 0
+            live = live & rows[:, None]
+            n_tokens = int(rows.sum().item())
+        else:
+            n_tokens = idx.shape[0]
+        fired = torch.zeros(self.shape, dtype=torch.bool, device=idx.device)
+        fired[idx[live]] = True
+        counts = self.tokens_since_fired
+        if counts.device != fired.device:
+            counts = counts.to(fired.device)
+        self.tokens_since_fired = (counts + n_tokens).masked_fill(fired, 0)
+
     def dead_mask(self, threshold_tokens: int) -> Tensor:
         """Bool tensor of ``shape``: True where a feature has not fired for ``>= threshold_tokens``."""
         return self.tokens_since_fired >= threshold_tokens

@@ -149,6 +149,10 @@ class StandardTrainerConfig(TrainerConfig):
         "finish", doc="If the stream ends before total_training_tokens: 'finish' saves what was learnt and reports "
                       "it; 'error' fails the run.")
     seed: int = option(0, doc="Seed of the torch RNG during training.")
+    fast_path: bool = option(
+        True, doc="Use the architecture's fused training path where it applies (TopK SAE without sparsity "
+                  "penalty: one dense encoder product, sparse decode, sparse encoder backward); it gives the "
+                  "plain path's losses and gradients (to float rounding).")
     mixed_precision: Literal["auto", "off", "bf16"] = option(
         "auto", doc="bf16 autocast of the forward pass (weights and optimizer stay in the run's dtype). 'auto': on "
                     "for CUDA devices that support bf16, off elsewhere — on CPUs without native bf16 (AVX2, no "
@@ -237,6 +241,8 @@ class Trainer:
         self._stop_reason: str | None = None
         self.last_metrics: dict[str, float] = {}
         self._steps: dict[str, int] = {}
+        #: reusable work buffers of fused paths (e.g. the pre-activations), kept across steps
+        self._buffers: dict[str, Any] = {}
         self.model.to(self.device)
 
     # --- setup ------------------------------------------------------------------------------
@@ -337,6 +343,10 @@ class Trainer:
         # rank then holds the same loss, and each rank's gradient is its share.
         mg = pctx.feature_group if pctx is not None else None
         hg = pctx.head_group if pctx is not None else None
+        if pctx is None and cfg.fast_path:
+            fast = self._compute_loss_fused(model, cfg, x, extras, label, mask, f_axes, o_axes, step)
+            if fast is not None:
+                return fast
         hidden_pre = model.encode_pre(x, **extras)
         acts = model.activate(hidden_pre, mask=mask)
         if mg is not None and not pctx.first("model"):
@@ -384,6 +394,47 @@ class Trainer:
         return {"loss": loss, "terms": terms, "acts": acts, "recon": recon, "label": label, "mask": mask,
                 "feature_axes": f_axes, "output_axes": o_axes, "coefficients": coef}
 
+    def _compute_loss_fused(self, model: SparseDictionary, cfg: StandardTrainerConfig, x: Any, extras: dict[str, Any],
+                            label: Any, mask: Any, f_axes: Any, o_axes: Any, step: int) -> dict[str, Any] | None:
+        """The architecture's fused path (e.g. :meth:`SparseAutoEncoder.fused_topk_forward`), when it
+        applies and no loss needs the dense activations (no sparsity or JumpReLU penalty); same
+        losses and gradients as the plain path (tests/test_fused.py), no (tokens x features) tensor
+        but the reused pre-activation buffer. None: use the plain path."""
+        coef = self.coefficients(step)
+        fused = getattr(model, "fused_topk_forward", None)
+        if coef["sparsity"] > 0 or coef["lp"] > 0 or not callable(fused) or extras:
+            return None
+        out = fused(x, self._buffers)
+        if out is None:
+            return None
+        recon, indices, values = out
+        terms = {"mse_loss": reconstruction_loss(recon, label, o_axes, mask)}
+        if coef["auxk"] > 0:
+            from lmsae.nn.fused import auxk_sae_forward
+
+            dead = self.tracker.dead_mask(min(cfg.dead_threshold_tokens, max(self.tokens, 1)))
+            input_bias = model.b_D if getattr(model.config, "apply_decoder_bias_to_input", False) else None
+            aux_out = auxk_sae_forward(x, model.W_E, model.b_E, model.W_D, self._buffers["pre"], dead, cfg.k_aux,
+                                       input_bias=input_bias)
+            aux = aux_out[0] if aux_out is not None else None
+            terms["aux_loss"] = coef["auxk"] * auxk_loss((label - recon).detach(), aux, o_axes, mask=mask)
+        loss = sum(terms.values())
+        return {"loss": loss, "terms": terms, "acts": None, "sparse_acts": (indices, values), "recon": recon,
+                "label": label, "mask": mask, "feature_axes": f_axes, "output_axes": o_axes, "coefficients": coef}
+
+    def _step_statistics(self, ctx: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+        """Update the dead-feature tracker and return the batch statistics (dense or fused path)."""
+        if ctx.get("acts") is not None:
+            self.tracker.update(ctx["acts"].detach(), ctx["feature_axes"], ctx["mask"])
+            return batch_statistics(ctx["acts"], ctx["feature_axes"], ctx["recon"], ctx["label"],
+                                    ctx["output_axes"], ctx["mask"])
+        from lmsae.nn.fused import sparse_batch_statistics
+
+        indices, values = ctx["sparse_acts"]
+        n_features = int(self.tracker.shape[-1])
+        self.tracker.update_sparse(indices, values, ctx["mask"])
+        return sparse_batch_statistics(indices, values, ctx["recon"], ctx["label"], ctx["mask"], n_features)
+
     def train_step(self, batch: Mapping[str, Any]) -> dict[str, Any]:
         """One optimiser step on a raw batch; returns the loss context."""
         if self.optimizer is None:
@@ -403,9 +454,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
         with torch.no_grad():
-            self.tracker.update(ctx["acts"].detach(), ctx["feature_axes"], ctx["mask"])
-            stats = batch_statistics(ctx["acts"], ctx["feature_axes"], ctx["recon"], ctx["label"],
-                                     ctx["output_axes"], ctx["mask"])
+            stats = self._step_statistics(ctx)
         n_tokens = int(ctx["mask"].sum()) if ctx["mask"] is not None else int(stats["n_tokens"])
         self.window.add_batch(stats, {"overall_loss": ctx["loss"].detach(),
                                       **{k2: v.detach() for k2, v in ctx["terms"].items()}})
