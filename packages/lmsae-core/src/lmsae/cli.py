@@ -14,7 +14,13 @@ import pathlib
 import sys
 from typing import Any
 
-import click
+# Before torch loads its OpenMP runtime: threads that finish a parallel region sleep instead of
+# spinning. On a CPU shared with other processes (or with torchrun's workers) spinning threads
+# stall every region while another process holds a core (measured: a TopK SAE step 2.8-5.2x the
+# GEMM time instead of 2.0x; benchmarks/README.md). Set OMP_WAIT_POLICY yourself to override.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import click  # noqa: E402
 
 from lmsae import __version__
 from lmsae.errors import LmsaeError
