@@ -144,7 +144,8 @@ def _config(tmp_path: pathlib.Path, out: str, **extra: object) -> pathlib.Path:
             "dictionary": {"architecture": "sae", "hook_point_in": "synthetic.hook_in", "d_model": 16, "d_sae": 64,
                            "act_fn": "topk", "top_k": 4},
             "activations": {"batch_size": 256, "shuffle_buffer": 1024, "prefetch": 0, "sources": [source]},
-            "trainer": {"total_training_tokens": 256 * 12, "lr": 1e-3, "log_every": 4, "n_checkpoints": 2,
+            "trainer": {"optimizer": "adam", "total_training_tokens": 256 * 12, "lr": 1e-3, "log_every": 4,
+                        "n_checkpoints": 2,
                         "auxk_coefficient": 0.03, "dead_threshold_tokens": 512, "calibration_batches": 2},
             "loggers": [{"type": "jsonl"}], **extra}
     path = tmp_path / f"{out}.toml"

@@ -1,7 +1,9 @@
-"""SparseAdam against a naive per-element loop and torch.optim.Adam; gradient clipping."""
+"""SparseAdam against a naive per-element loop and torch.optim.Adam; SignSGDScheduleFree against
+a naive per-element loop, its eval/train swap and exact resume; gradient clipping."""
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -9,6 +11,7 @@ import torch
 
 from lmsae.training.optim import (
     OPTIMIZERS,
+    SignSGDScheduleFree,
     SparseAdam,
     build_optimizer,
     clip_grad_norm_,
@@ -245,3 +248,195 @@ def test_build_optimizer():
     with pytest.raises(ValueError) as info:
         build_optimizer("sgd", p, lr=1e-3, betas=(0.9, 0.99))
     assert all(name in str(info.value) for name in OPTIMIZERS)
+
+
+def test_build_signsgd_schedulefree():
+    p = [torch.nn.Parameter(torch.zeros(2))]
+    opt = build_optimizer("signsgd_schedulefree", [{"params": p, "lr": 5e-4}], lr=1e-3, betas=(0.95, 0.999),
+                          weight_decay=0.01)
+    assert isinstance(opt, SignSGDScheduleFree)
+    group = opt.param_groups[0]
+    assert group["lr"] == 5e-4 and group["beta"] == 0.95 and group["weight_decay"] == 0.01
+    assert "signsgd_schedulefree" in OPTIMIZERS
+
+
+# --------------------------------------------------------------------------------------------
+# Sign-SGD with schedule-free averaging
+
+
+class NaiveSignSGDScheduleFree:
+    """Reference: the recurrences of the docstring, per element, in float64 Python floats."""
+
+    def __init__(self, values, beta, weight_decay, weight_lr_power):
+        self.z = [float(v) for v in values]
+        self.x = list(self.z)
+        self.y = list(self.z)
+        self.beta, self.wd, self.power = beta, weight_decay, weight_lr_power
+        self.weight_sum = 0.0
+        self.lr_max = 0.0
+
+    def step(self, grads, lr):
+        self.lr_max = max(self.lr_max, lr)
+        weight = self.lr_max ** self.power
+        self.weight_sum += weight
+        c = weight / self.weight_sum if self.weight_sum > 0 else 0.0
+        for i, g in enumerate(grads):
+            g = float(g)
+            sign = (g > 0) - (g < 0)
+            self.z[i] = self.z[i] - lr * self.wd * self.y[i] - lr * sign
+            self.x[i] = (1 - c) * self.x[i] + c * self.z[i]
+            self.y[i] = (1 - self.beta) * self.z[i] + self.beta * self.x[i]
+
+
+def _lrs(n):
+    # a warmup from 0, a plateau and a decay: exercises the lr_max weighting
+    return [0.0, 0.01, 0.02, 0.03] + [0.03] * (n - 8) + [0.02, 0.01, 0.005, 0.001]
+
+
+@pytest.mark.parametrize(("beta", "weight_decay", "power"), [(0.9, 0.0, 2.0), (0.5, 0.1, 2.0), (0.0, 0.0, 0.0)])
+def test_signsgd_schedulefree_matches_naive_per_element_loop(beta, weight_decay, power):
+    gen = torch.Generator().manual_seed(0)
+    shape = (6, 5)
+    param = torch.nn.Parameter(torch.randn(shape, generator=gen, dtype=torch.float64))
+    opt = SignSGDScheduleFree([param], lr=0.0, beta=beta, weight_decay=weight_decay, weight_lr_power=power)
+    ref = NaiveSignSGDScheduleFree(param.detach().flatten().tolist(), beta, weight_decay, power)
+    for lr in _lrs(20):
+        g = _sparse_grad(shape, 0.4, gen)  # exact zeros: sign 0, z stays, x and y still move
+        opt.param_groups[0]["lr"] = lr
+        param.grad = g.clone()
+        opt.step()
+        ref.step(g.flatten().tolist(), lr)
+        assert torch.allclose(param.detach().flatten(), torch.tensor(ref.y, dtype=torch.float64), rtol=0, atol=1e-12)
+    state = opt.state[param]
+    assert torch.allclose(state["z"].flatten(), torch.tensor(ref.z, dtype=torch.float64), rtol=0, atol=1e-12)
+    assert torch.allclose(state["x"].flatten(), torch.tensor(ref.x, dtype=torch.float64), rtol=0, atol=1e-12)
+    assert opt.param_groups[0]["step"] == 20
+    assert opt.param_groups[0]["weight_sum"] == pytest.approx(ref.weight_sum, rel=1e-15)
+    opt.eval()
+    assert torch.allclose(param.detach().flatten(), torch.tensor(ref.x, dtype=torch.float64), rtol=0, atol=1e-12)
+
+
+def test_signsgd_schedulefree_uniform_average_with_constant_lr():
+    """Constant lr: c_{t+1} = 1/t, so x is the plain mean of the iterates z_2..z_{T+1}."""
+    p = torch.nn.Parameter(torch.tensor([0.0, 1.0], dtype=torch.float64))
+    opt = SignSGDScheduleFree([p], lr=0.1, beta=0.9)
+    zs = []
+    for _ in range(7):
+        p.grad = torch.tensor([1.0, -2.0], dtype=torch.float64)
+        opt.step()
+        zs.append(opt.state[p]["z"].clone())
+    torch.testing.assert_close(opt.state[p]["x"], torch.stack(zs).mean(0), rtol=0, atol=1e-14)
+    torch.testing.assert_close(opt.state[p]["z"], torch.tensor([-0.7, 1.7], dtype=torch.float64), rtol=0, atol=1e-14)
+
+
+def test_signsgd_schedulefree_eval_train_swap_is_exact():
+    gen = torch.Generator().manual_seed(1)
+    p = torch.nn.Parameter(torch.randn(4, 3, generator=gen))
+    untouched = torch.nn.Parameter(torch.randn(2, generator=gen))  # never gets a gradient
+    untouched_before = untouched.detach().clone()
+    opt = SignSGDScheduleFree([p, untouched], lr=0.05, beta=0.9)
+    for _ in range(5):
+        p.grad = torch.randn(4, 3, generator=gen)
+        opt.step()
+    y = p.detach().clone()
+    assert opt.train_mode
+    opt.eval()
+    assert not opt.train_mode
+    assert torch.equal(p.detach(), opt.state[p]["x"])
+    assert not torch.equal(p.detach(), y)
+    opt.eval()  # idempotent
+    assert torch.equal(p.detach(), opt.state[p]["x"])
+    p.grad = torch.ones(4, 3)
+    with pytest.raises(RuntimeError, match="train"):
+        opt.step()
+    opt.train()
+    assert torch.equal(p.detach(), y)  # bit for bit
+    opt.train()  # idempotent
+    assert torch.equal(p.detach(), y)
+    assert torch.equal(untouched.detach(), untouched_before)
+
+
+def _sf_run(param, opt, grads, lrs):
+    for g, lr in zip(grads, lrs, strict=True):
+        opt.param_groups[0]["lr"] = lr
+        param.grad = g.clone()
+        opt.step()
+
+
+@pytest.mark.parametrize("save_in_eval_mode", [True, False])
+def test_signsgd_schedulefree_exact_resume_through_flat_state(save_in_eval_mode):
+    from lmsae.training.state_io import optimizer_state_from_flat, optimizer_state_to_flat
+
+    gen = torch.Generator().manual_seed(2)
+    init = torch.randn(5, 4, generator=gen)
+    grads = [_sparse_grad((5, 4), 0.5, gen).float() for _ in range(20)]
+    lrs = _lrs(20)
+
+    # uninterrupted run, with an eval/train round trip at step 10 as a trainer would do
+    p = torch.nn.Parameter(init.clone())
+    opt = SignSGDScheduleFree([p], lr=0.0, beta=0.9, weight_decay=0.01)
+    _sf_run(p, opt, grads[:10], lrs[:10])
+    if save_in_eval_mode:
+        opt.eval()
+    saved_weights = p.detach().clone()
+    tensors, meta = optimizer_state_to_flat(opt)
+    meta = json.loads(json.dumps(meta))  # through JSON as in a checkpoint
+    opt.train()
+    _sf_run(p, opt, grads[10:], lrs[10:])
+    opt.eval()
+
+    # resumed run: a fresh optimiser over the saved weights
+    q = torch.nn.Parameter(saved_weights.clone())
+    opt2 = SignSGDScheduleFree([q], lr=0.0, beta=0.9, weight_decay=0.01)
+    opt2.load_state_dict(optimizer_state_from_flat(tensors, meta))
+    assert opt2.train_mode is (not save_in_eval_mode)
+    assert opt2.param_groups[0]["step"] == 10
+    opt2.train()
+    _sf_run(q, opt2, grads[10:], lrs[10:])
+    opt2.eval()
+    assert torch.equal(q.detach(), p.detach())
+    assert torch.equal(opt2.state[q]["z"], opt.state[p]["z"])
+    assert opt2.param_groups[0]["weight_sum"] == opt.param_groups[0]["weight_sum"]
+
+
+def test_signsgd_schedulefree_follows_group_lr_and_skips_params_without_grad():
+    a = torch.nn.Parameter(torch.ones(3))
+    b = torch.nn.Parameter(torch.ones(3))
+    opt = SignSGDScheduleFree([{"params": [a]}, {"params": [b], "lr": 0.0}], lr=0.1, beta=0.0)
+    a.grad = torch.ones(3)
+    opt.step()
+    assert b not in opt.state or not opt.state[b]
+    torch.testing.assert_close(a.detach(), torch.full((3,), 0.9))  # beta 0: y = z
+    b.grad = torch.ones(3)
+    opt.step()
+    assert torch.equal(b.detach(), torch.ones(3))  # lr 0 in its group (weight 0: x stays)
+
+
+def test_signsgd_schedulefree_trains_a_least_squares_problem():
+    gen = torch.Generator().manual_seed(3)
+    a = torch.randn(64, 8, generator=gen)
+    target = torch.randn(8, generator=gen)
+    w = torch.nn.Parameter(torch.zeros(8))
+    opt = SignSGDScheduleFree([w], lr=0.01, beta=0.9)
+    for _ in range(400):
+        opt.zero_grad()
+        ((a @ w - a @ target) ** 2).mean().backward()
+        opt.step()
+    opt.eval()
+    assert torch.linalg.vector_norm(w.detach() - target) < 0.05 * torch.linalg.vector_norm(target)
+
+
+def test_signsgd_schedulefree_bad_hyperparameters_and_closure():
+    p = torch.nn.Parameter(torch.tensor([1.0]))
+    opt = SignSGDScheduleFree([p], lr=0.1)
+
+    def closure():
+        opt.zero_grad()
+        loss = (p**2).sum()
+        loss.backward()
+        return loss
+
+    assert opt.step(closure).item() == pytest.approx(1.0)
+    for kwargs in ({"lr": -1.0}, {"beta": 1.0}, {"beta": -0.1}, {"weight_decay": -0.1}, {"weight_lr_power": -1.0}):
+        with pytest.raises(ValueError):
+            SignSGDScheduleFree([torch.nn.Parameter(torch.zeros(1))], **({"lr": 0.1} | kwargs))

@@ -228,7 +228,7 @@ def test_config_errors_name_the_item(tmp_path):
     assert any(p.startswith("$.items[1].trainer.lrr: unknown key; did you mean 'lr'?") for p in bad)
     assert "$.items[1].trainer.lr: expected a number, got str 'fast'" in bad
     assert any(p.startswith("$.items[1].trainer.type: the trainer type is shared") for p in bad)
-    assert any(p.startswith("$.items[2].initializer.decoder_bias: expected one of 'zeros', 'mean'") for p in bad)
+    assert any(p.startswith("$.items[2].initializer.decoder_bias: expected one of 'auto', 'zeros', 'mean'") for p in bad)
     ckpt = _problems(registry, sweep_config(tmp_path, [{"name": "a", "dictionary": _dictionary(),
                                                         "trainer": {"n_checkpoints": 2}}]))
     assert ckpt[0].startswith("$.items[0].trainer.n_checkpoints: the sweep task writes no resumable checkpoints")

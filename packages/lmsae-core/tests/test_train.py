@@ -76,7 +76,8 @@ def test_topk_sae_recovers_ground_truth_features(registry, tmp_path):
 
 def regression_run(registry, out):
     data = train_config(out, tokens=128 * 256, dtype="float64",
-                        trainer={"lr": 5e-3, "lr_warmup_steps": 16, "lr_cooldown_steps": 0.25, "initial_k": 12,
+                        trainer={"optimizer": "adam", "lr": 5e-3, "lr_warmup_steps": 16, "lr_cooldown_steps": 0.25,
+                                 "initial_k": 12,
                                  "k_warmup_steps": 40, "log_every": 32},
                         initializer={"grid_search_decoder_norm": True, "decoder_bias": "mean"})
     run_train(registry, data)
@@ -202,7 +203,7 @@ def test_metric_names_are_stable(registry, tmp_path):
 def jumprelu_run(registry, out, coefficient):
     data = train_config(out, tokens=120 * 256, dictionary={"act_fn": "jumprelu", "jumprelu_init_threshold": 0.5,
                                                            "jumprelu_bandwidth": 0.5},
-                        trainer={"sparsity_coefficient": coefficient, "sparsity_loss": "tanh",
+                        trainer={"optimizer": "adam", "sparsity_coefficient": coefficient, "sparsity_loss": "tanh",
                                  "sparsity_warmup_steps": 0, "lr": 2e-3, "jumprelu_lr_factor": 10.0,
                                  "log_every": 120})
     data["fold_normalization"] = False

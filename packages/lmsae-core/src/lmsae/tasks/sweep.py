@@ -696,7 +696,8 @@ def _step(it: _Item, batch: Mapping[str, Any], hooks: Any, device: torch.device)
         trainer.window.reset()
         eval_every = int(it.setting("eval_every", 0))
         if trainer.eval_fn is not None and eval_every and step % eval_every == 0:
-            metrics.update({f"eval/{k}": v for k, v in trainer.eval_fn(trainer.model).items()})
+            with trainer.averaged():
+                metrics.update({f"eval/{k}": v for k, v in trainer.eval_fn(trainer.model).items()})
         trainer.last_metrics = metrics
         if trainer.loggers is not None:
             trainer.loggers.log(step, metrics)
@@ -726,6 +727,7 @@ def _finish(cfg: SweepRunConfig, registry: Any, it: _Item, reason: str, shared_e
             it.trainer = it.ctx = None
             return
         log.warning("sweep item %s: %s; keeping what was learnt", it.name, message)
+    trainer.finish_training()  # the optimizer's evaluation point (schedule-free's average) is what is saved
     result = TrainResult(reason=reason, steps=trainer.step, tokens=trainer.tokens, total_steps=trainer.total_steps,
                          metrics=dict(trainer.last_metrics), message=message)
     registry.hook.lmsae_after_training(trainer=trainer, dictionary=it.model, result=result)

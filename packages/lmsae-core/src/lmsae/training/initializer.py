@@ -66,10 +66,13 @@ def fine_grid(best: float) -> list[float]:
 class InitializerConfig(Config):
     """How a fresh dictionary is initialised before training (the ``[initializer]`` table)."""
 
-    decoder_bias: Literal["zeros", "mean"] = option(
-        "zeros",
-        doc="Decoder bias init: 'zeros', or 'mean' = the mean of the normalised labels over the "
-            "initialisation batch (the reference called this 'geometric_median' but computed the mean).")
+    decoder_bias: Literal["auto", "zeros", "mean"] = option(
+        "auto",
+        doc="Decoder bias init: 'mean' = the mean of the normalised labels over the initialisation batch (the "
+            "reference called this 'geometric_median' but computed the mean), 'zeros', or 'auto' (the default): "
+            "'mean' where the architecture can set a decoder bias it has and an initialisation batch is given, "
+            "else zeros — measured better on activations with an offset (benchmarks/README.md, 'Training "
+            "recipe').")
     encoder_from_decoder: bool = option(
         True, doc="Set the encoder to the decoder transpose times encoder_from_decoder_factor.")
     encoder_from_decoder_factor: float = option(
@@ -192,7 +195,10 @@ def initialize(model: SparseDictionary, config: InitializerConfig,
         model.set_decoder_norm(config.decoder_norm)
     if config.encoder_from_decoder:
         model.init_encoder_from_decoder(config.encoder_from_decoder_factor)
-    if config.decoder_bias == "mean":
+    mean_bias = config.decoder_bias == "mean" or (
+        config.decoder_bias == "auto" and label is not None and callable(getattr(model, "init_decoder_bias", None))
+        and getattr(model, "b_D", True) is not None)
+    if mean_bias:
         mean, _ = masked_token_mean(label, model.output_axes(x), mask)
         model.init_decoder_bias(mean)
 

@@ -3,6 +3,11 @@
 :class:`SparseAdam` is Adam for gradients that are exactly zero almost everywhere, as in TopK
 dictionaries where most latents are inactive on a batch: the elements that received no gradient
 keep their moments, their step count and their value, instead of being moved by stale momentum.
+
+:class:`SignSGDScheduleFree` is sign-SGD with schedule-free averaging (Defazio et al. 2024,
+"The Road Less Scheduled"). Its parameters hold the gradient-evaluation point during training
+and must be switched to the averaged iterate with :meth:`SignSGDScheduleFree.eval` before
+evaluating or saving (and back with :meth:`SignSGDScheduleFree.train`).
 """
 
 from __future__ import annotations
@@ -14,13 +19,14 @@ import torch
 
 __all__ = [
     "OPTIMIZERS",
+    "SignSGDScheduleFree",
     "SparseAdam",
     "build_optimizer",
     "clip_grad_norm_",
     "global_grad_norm",
 ]
 
-OPTIMIZERS: tuple[str, ...] = ("adam", "sparse_adam")
+OPTIMIZERS: tuple[str, ...] = ("adam", "sparse_adam", "signsgd_schedulefree")
 """Names accepted by :func:`build_optimizer`."""
 
 ParamsT = Iterable[torch.Tensor] | Iterable[dict[str, Any]]
@@ -144,6 +150,166 @@ class SparseAdam(torch.optim.Optimizer):
         return loss
 
 
+class SignSGDScheduleFree(torch.optim.Optimizer):
+    """Sign-SGD with schedule-free averaging (Defazio et al. 2024, "The Road Less Scheduled").
+
+    Three sequences are kept per parameter: ``z``, the plain sign-SGD iterate; ``x``, a weighted
+    average of the ``z`` iterates (the model to evaluate and keep); and ``y``, the point where the
+    gradient is taken. At step ``t`` (1-based), with learning rate ``lr_t`` of the group::
+
+        g_t     = gradient at y_t
+        z_{t+1} = z_t - lr_t * sign(g_t) - lr_t * weight_decay * y_t
+        x_{t+1} = (1 - c_{t+1}) x_t + c_{t+1} z_{t+1}
+        y_{t+1} = (1 - beta) z_{t+1} + beta x_{t+1}
+
+    with ``c_{t+1} = w_t / (w_1 + ... + w_t)`` and ``w_t = max(lr_1..lr_t) ** weight_lr_power``
+    (as in the reference implementation, package ``schedulefree``): with a constant learning rate
+    ``c_{t+1} = 1/t`` and ``x_{t+1}`` is the uniform average of ``z_2..z_{t+1}``, the iterates the
+    steps produced; ``weight_lr_power = 2`` (the paper's default) down-weights the iterates of a
+    learning-rate warmup (a warmup from 0 gives them weight 0). ``x_1 = z_1 = y_1`` are the initial
+    parameter values. ``beta`` interpolates between SGD on ``z`` (0) and evaluating the gradient at
+    the average (1); it plays the role of momentum. Elements whose gradient is exactly 0 (inactive
+    TopK latents) keep their ``z`` but their ``x`` and ``y`` still move towards it. Parameters
+    whose ``grad`` is None are skipped entirely. A learning-rate scheduler may change ``lr`` per
+    group as with any optimiser (warmup is taken into account by the weights above);
+    schedule-free averaging is meant to replace a decay, so a constant learning rate after the
+    warmup is the intended use.
+
+    **Train / eval modes.** While training (:meth:`train` mode, the initial mode) the parameters
+    hold ``y``. The parameters to evaluate or save are ``x``: the trainer MUST call :meth:`eval`
+    before evaluating, saving weights, or handing the model to anyone, and :meth:`train` again
+    before the next :meth:`step` (which raises in eval mode). The swap is exact: ``eval`` copies
+    ``x`` into the parameters, ``train`` recomputes ``y`` from ``z`` and ``x`` with the same
+    operation as :meth:`step`, so eval/train round trips never perturb training.
+
+    **State** (saved by :meth:`state_dict`, tensors plus JSON-able values, so it goes through
+    :func:`lmsae.training.state_io.optimizer_state_to_flat` unchanged): per parameter ``z`` and
+    ``x`` (the parameter's shape and dtype); per group ``step`` (int), ``weight_sum`` and
+    ``lr_max`` (floats) and ``train_mode`` (bool). Resuming is exact when the weights saved with
+    the state are the parameters at that moment (``x`` if saved in eval mode, ``y`` in train
+    mode): after :meth:`load_state_dict`, call :meth:`train` to get back to ``y`` bit for bit.
+
+    Args:
+        params: parameters or parameter groups.
+        lr: learning rate (>= 0; may be changed per group by a scheduler).
+        beta: interpolation ``y = (1 - beta) z + beta x``, in ``[0, 1)``.
+        weight_decay: decoupled weight decay at ``y`` (>= 0).
+        weight_lr_power: exponent of the running maximum learning rate in the averaging
+            weights (>= 0; 0 gives the uniform average ``c_t = 1/t``).
+
+    Raises:
+        ValueError: a hyper-parameter is out of range.
+    """
+
+    def __init__(
+        self,
+        params: ParamsT,
+        lr: float = 1e-3,
+        beta: float = 0.9,
+        weight_decay: float = 0.0,
+        weight_lr_power: float = 2.0,
+    ):
+        if not lr >= 0.0:
+            raise ValueError(f"SignSGDScheduleFree: lr must be >= 0, got {lr!r}")
+        if not 0.0 <= beta < 1.0:
+            raise ValueError(f"SignSGDScheduleFree: beta must be in [0, 1), got {beta!r}")
+        if not weight_decay >= 0.0:
+            raise ValueError(f"SignSGDScheduleFree: weight_decay must be >= 0, got {weight_decay!r}")
+        if not weight_lr_power >= 0.0:
+            raise ValueError(
+                f"SignSGDScheduleFree: weight_lr_power must be >= 0, got {weight_lr_power!r}"
+            )
+        defaults = {
+            "lr": lr,
+            "beta": float(beta),
+            "weight_decay": float(weight_decay),
+            "weight_lr_power": float(weight_lr_power),
+            "step": 0,
+            "weight_sum": 0.0,
+            "lr_max": 0.0,
+            "train_mode": True,
+        }
+        super().__init__(params, defaults)
+
+    @staticmethod
+    def _interpolate(z: torch.Tensor, x: torch.Tensor, beta: float) -> torch.Tensor:
+        """``y = (1 - beta) z + beta x``; the one formula used by both step() and train()."""
+        return torch.lerp(z, x, beta)
+
+    @torch.no_grad()
+    def eval(self) -> None:
+        """Put the averaged iterate ``x`` into the parameters (call before evaluating or saving)."""
+        for group in self.param_groups:
+            if not group["train_mode"]:
+                continue
+            for p in group["params"]:
+                state = self.state.get(p)
+                if state and "x" in state:
+                    p.copy_(state["x"])
+            group["train_mode"] = False
+
+    @torch.no_grad()
+    def train(self) -> None:
+        """Put the gradient point ``y`` back into the parameters (call before training resumes)."""
+        for group in self.param_groups:
+            if group["train_mode"]:
+                continue
+            for p in group["params"]:
+                state = self.state.get(p)
+                if state and "x" in state:
+                    p.copy_(self._interpolate(state["z"], state["x"], group["beta"]))
+            group["train_mode"] = True
+
+    @property
+    def train_mode(self) -> bool:
+        """True when the parameters hold ``y`` (every group in train mode)."""
+        return all(group["train_mode"] for group in self.param_groups)
+
+    @torch.no_grad()
+    def step(  # type: ignore[override]
+        self, closure: Callable[[], float] | None = None
+    ) -> float | None:
+        """Perform one update. ``closure`` (optional) re-evaluates and returns the loss.
+
+        Raises:
+            RuntimeError: the optimizer is in eval mode (call :meth:`train` first).
+        """
+        if not self.train_mode:
+            raise RuntimeError(
+                "SignSGDScheduleFree.step() in eval mode: the parameters hold the averaged "
+                "iterate x; call optimizer.train() before training"
+            )
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+
+        for group in self.param_groups:
+            lr, beta, weight_decay = group["lr"], group["beta"], group["weight_decay"]
+            group["step"] += 1
+            group["lr_max"] = lr_max = max(float(lr), group["lr_max"])
+            weight = lr_max ** group["weight_lr_power"]
+            group["weight_sum"] = weight_sum = group["weight_sum"] + weight
+            c = weight / weight_sum if weight_sum > 0 else 0.0
+            for p in group["params"]:
+                grad = p.grad
+                if grad is None:
+                    continue
+                if grad.is_sparse:
+                    raise RuntimeError("SignSGDScheduleFree does not support sparse gradients")
+                state = self.state[p]
+                if not state:
+                    state["z"] = p.detach().clone(memory_format=torch.contiguous_format)
+                    state["x"] = p.detach().clone(memory_format=torch.contiguous_format)
+                z, x = state["z"], state["x"]
+                if weight_decay != 0:
+                    z.add_(p, alpha=-lr * weight_decay)
+                z.add_(grad.sign(), alpha=-lr)
+                x.lerp_(z, c)
+                p.copy_(self._interpolate(z, x, beta))
+        return loss
+
+
 def _as_list(params: Iterable[torch.Tensor] | torch.Tensor) -> list[torch.Tensor]:
     if isinstance(params, torch.Tensor):
         return [params]
@@ -234,9 +400,12 @@ def build_optimizer(
 ) -> torch.optim.Optimizer:
     """Build the optimiser called ``name`` (one of :data:`OPTIMIZERS`).
 
-    ``"adam"`` is :class:`torch.optim.Adam`, ``"sparse_adam"`` is :class:`SparseAdam`.
-    ``param_groups`` is a list of parameters or of parameter-group dicts; the keyword values are
-    the defaults for groups that do not set them.
+    ``"adam"`` is :class:`torch.optim.Adam`, ``"sparse_adam"`` is :class:`SparseAdam`,
+    ``"signsgd_schedulefree"`` is :class:`SignSGDScheduleFree` with ``beta = betas[0]`` and
+    decoupled ``weight_decay`` (``betas[1]`` and ``eps`` are unused); its parameters must be
+    switched with ``optimizer.eval()`` before evaluating/saving and ``optimizer.train()`` after
+    (see the class). ``param_groups`` is a list of parameters or of parameter-group dicts; the
+    keyword values are the defaults for groups that do not set them.
 
     Raises:
         ValueError: unknown ``name`` (the message lists the valid names).
@@ -247,4 +416,6 @@ def build_optimizer(
         )
     if name == "sparse_adam":
         return SparseAdam(param_groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+    if name == "signsgd_schedulefree":
+        return SignSGDScheduleFree(param_groups, lr=lr, beta=betas[0], weight_decay=weight_decay)
     raise ValueError(f"unknown optimizer {name!r}; valid names: {', '.join(OPTIMIZERS)}")

@@ -85,18 +85,28 @@ class StandardTrainerConfig(TrainerConfig):
     total_training_tokens: int = option(doc="Tokens to train on (token positions of the batches).",
                                         validator=positive())
     # optimiser and learning rate
-    lr: float = option(4e-4, doc="Peak learning rate.", validator=positive())
-    betas: tuple[float, float] = option((0.9, 0.999), doc="Adam betas.")
+    lr: float | None = option(
+        None, doc="Peak learning rate. Unset: chosen by measurement (benchmarks/README.md, 'Training recipe'): "
+                  "0.16 / sqrt(d_in) for signsgd_schedulefree, 0.064 / sqrt(d_in) for adam and sparse_adam "
+                  "(d_in: the dictionary's input width; the best rate barely depends on the number of features).",
+        validator=positive())
+    betas: tuple[float, float] = option((0.9, 0.999), doc="Adam betas; signsgd_schedulefree uses betas[0] as its "
+                                                          "interpolation beta.")
     optimizer: Literal[OPTIMIZERS] = option(  # type: ignore[valid-type]
-        "adam", doc="'adam', or 'sparse_adam' (only elements with a non-zero gradient are updated).")
+        "signsgd_schedulefree",
+        doc="'signsgd_schedulefree' (the default: sign-SGD with schedule-free averaging; reached the highest "
+            "explained variance and ground-truth recovery per token in benchmarks/recipe.py), 'adam', or "
+            "'sparse_adam' (only elements with a non-zero gradient are updated).")
     lr_schedule: Literal[LR_SCHEDULES] = option(  # type: ignore[valid-type]
         "constant_with_warmup",
         doc="Learning-rate schedule: constant, constant_with_warmup (linear warmup, constant, linear "
             "cool-down to lr*lr_end_ratio over the last lr_cooldown_steps), linear_decay, cosine, exponential.")
     lr_warmup_steps: int | float = option(0.01, doc="Warmup steps (int) or fraction of the total (float in [0, 1]).",
                                           validator=steps_or_fraction())
-    lr_cooldown_steps: int | float = option(0.2, doc="Cool-down steps or fraction (constant_with_warmup only).",
-                                            validator=steps_or_fraction())
+    lr_cooldown_steps: int | float | None = option(
+        None, doc="Cool-down steps or fraction (constant_with_warmup only). Unset: 0 for signsgd_schedulefree "
+                  "(its average replaces the cool-down), 0.2 for adam and sparse_adam.",
+        validator=steps_or_fraction())
     lr_end_ratio: float = option(1 / 32, doc="Final learning rate as a fraction of lr.", validator=in_range(0, 1))
     jumprelu_lr_factor: float = option(1.0, doc="Learning-rate multiplier of JumpReLU log-thresholds.",
                                        validator=positive())
@@ -261,7 +271,7 @@ class Trainer:
         total = self.total_steps
         self._steps = {
             "lr_warmup": resolve_steps(cfg.lr_warmup_steps, total, "trainer.lr_warmup_steps"),
-            "lr_cooldown": resolve_steps(cfg.lr_cooldown_steps, total, "trainer.lr_cooldown_steps"),
+            "lr_cooldown": resolve_steps(self._cooldown(), total, "trainer.lr_cooldown_steps"),
             "sparsity_warmup": resolve_steps(cfg.sparsity_warmup_steps, total, "trainer.sparsity_warmup_steps"),
             "k_warmup": resolve_steps(cfg.k_warmup_steps, total, "trainer.k_warmup_steps"),
             "k_cold_boot": resolve_steps(cfg.k_cold_boot_steps, total, "trainer.k_cold_boot_steps"),
@@ -269,10 +279,11 @@ class Trainer:
         self._checkpoint_at = set(checkpoint_steps(total, cfg.n_checkpoints, cfg.checkpoint_schedule))
         thresholds = [p for n, p in self.model.named_parameters() if n.endswith("log_threshold")]
         others = [p for n, p in self.model.named_parameters() if not n.endswith("log_threshold")]
-        groups = [{"params": others, "lr": cfg.lr, "name": "others"}]
+        lr = self.learning_rate()
+        groups = [{"params": others, "lr": lr, "name": "others"}]
         if thresholds:
-            groups.append({"params": thresholds, "lr": cfg.lr * cfg.jumprelu_lr_factor, "name": "jumprelu"})
-        self.optimizer = build_optimizer(cfg.optimizer, groups, lr=cfg.lr, betas=tuple(cfg.betas))
+            groups.append({"params": thresholds, "lr": lr * cfg.jumprelu_lr_factor, "name": "jumprelu"})
+        self.optimizer = build_optimizer(cfg.optimizer, groups, lr=lr, betas=tuple(cfg.betas))
         self.scheduler = make_lr_scheduler(self.optimizer, cfg.lr_schedule, total_steps=total,
                                            warmup_steps=self._steps["lr_warmup"],
                                            cooldown_steps=self._steps["lr_cooldown"], end_ratio=cfg.lr_end_ratio)
@@ -283,6 +294,51 @@ class Trainer:
             if self.config.initial_k < top_k:
                 raise LmsaeError(f"trainer.initial_k ({self.config.initial_k}) must be >= the dictionary's "
                                  f"top_k ({top_k})")
+
+    def learning_rate(self) -> float:
+        """The peak learning rate: ``trainer.lr``, or the measured default for the optimizer and the
+        dictionary's input width (see the option's doc)."""
+        if self.config.lr is not None:
+            return float(self.config.lr)
+        factor = 0.16 if self.config.optimizer == "signsgd_schedulefree" else 0.064
+        return factor / math.sqrt(self._input_width())
+
+    def _input_width(self) -> int:
+        config = self.full_config
+        width = getattr(config, "d_model", None)
+        if isinstance(width, int) and width > 0:
+            return width
+        try:
+            dims = self.model.hook_dims()
+            return max(int(dims[h]) for h in config.hooks_in)
+        except (AttributeError, KeyError, NotImplementedError, ValueError):
+            return 512
+
+    def _cooldown(self) -> int | float:
+        if self.config.lr_cooldown_steps is not None:
+            return self.config.lr_cooldown_steps
+        return 0 if self.config.optimizer == "signsgd_schedulefree" else 0.2
+
+    @contextlib.contextmanager
+    def averaged(self) -> Iterator[None]:
+        """Parameters hold the optimizer's evaluation point inside the block (schedule-free's
+        average ``x``; a no-op for Adam): wrap evaluation and saving in it."""
+        opt = self.optimizer
+        swap = opt is not None and callable(getattr(opt, "eval", None)) and callable(getattr(opt, "train", None))
+        if swap:
+            opt.eval()
+        try:
+            yield
+        finally:
+            if swap:
+                opt.train()
+
+    def finish_training(self) -> None:
+        """Leave the parameters at the optimizer's evaluation point (schedule-free's average) for
+        the final evaluation and save; a later :meth:`train_step` switches back."""
+        opt = self.optimizer
+        if opt is not None and callable(getattr(opt, "eval", None)):
+            opt.eval()
 
     def _activation(self) -> Any:
         return getattr(self.model, "activation", None)
@@ -439,6 +495,9 @@ class Trainer:
         """One optimiser step on a raw batch; returns the loss context."""
         if self.optimizer is None:
             raise LmsaeError("call Trainer.setup() (or fit()) before train_step()")
+        train = getattr(self.optimizer, "train", None)
+        if callable(train):
+            train()  # a no-op unless the parameters hold the evaluation point
         k = self.current_k(self.step)
         if k is not None:
             self._activation().k = k
@@ -650,7 +709,8 @@ class Trainer:
                     metrics = self.window_metrics(ctx)
                     self.window.reset()
                     if self.eval_fn is not None and self.config.eval_every and self.step % self.config.eval_every == 0:
-                        metrics.update({f"eval/{k}": v for k, v in self.eval_fn(self.model).items()})
+                        with self.averaged():
+                            metrics.update({f"eval/{k}": v for k, v in self.eval_fn(self.model).items()})
                     self.last_metrics = metrics
                     bar.set_postfix(ev=f"{metrics['metrics/explained_variance']:.3f}",
                                     l0=f"{metrics['metrics/l0']:.1f}", refresh=False)
@@ -659,7 +719,8 @@ class Trainer:
                 if self.hooks is not None:
                     self.hooks.lmsae_after_step(trainer=self, dictionary=self.model, step=self.step, metrics=metrics)
                 if self.step in self._checkpoint_at and self.output_dir is not None:
-                    self.save_checkpoint(stream_state() if stream_state else None)
+                    with self.averaged():  # weights and optimizer state saved in the same mode: exact resume
+                        self.save_checkpoint(stream_state() if stream_state else None)
                 if self._stop_reason is not None:
                     reason = "stopped"
                     break
@@ -679,6 +740,7 @@ class Trainer:
             if self.config.on_stream_end == "error":
                 raise DataError(message + " (trainer.on_stream_end = 'error')")
             log.warning("%s; keeping what was learnt", message)
+        self.finish_training()
         result = TrainResult(reason=reason, steps=self.step, tokens=self.tokens, total_steps=self.total_steps,
                              metrics=dict(self.last_metrics), message=message)
         if self.hooks is not None:
