@@ -68,7 +68,10 @@ def build_cli(registry: Registry) -> click.Group:
         reg = _registry(ctx)
         config = load_run_config(reg, config_file, overrides)
         spec = reg.get("task", config.name)
-        spec.factory(config, RunContext(registry=reg, config_path=config_file, debug=ctx.obj["debug"]))
+        try:
+            spec.factory(config, RunContext(registry=reg, config_path=config_file, debug=ctx.obj["debug"]))
+        finally:
+            _close_process_group()
 
     @cli.command("plugins")
     @click.pass_context
@@ -134,6 +137,19 @@ def build_cli(registry: Registry) -> click.Group:
         click.echo(render_reference(reg), nl=False)
 
     return cli
+
+
+def _close_process_group() -> None:
+    """Tear down torch.distributed's default group if a task started one (torchrun runs): a
+    process that exits with a live gloo group can abort when its peers have already gone."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is None:
+        return
+    try:
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+    except Exception as exc:  # noqa: BLE001 - best effort at exit, never mask the task's own error
+        log.debug("closing the process group failed: %s", exc)
 
 
 def _add_plugin_commands(cli: click.Group, registry: Registry) -> list[tuple[str, str, str]]:

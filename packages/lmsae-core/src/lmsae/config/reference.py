@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import enum
 import re
+import typing
 from collections.abc import Iterable
 from typing import Any
 
@@ -38,12 +39,33 @@ def _anchor(text: str) -> str:
     return re.sub(r"[^a-z0-9-]", "", text.lower().replace(" ", "-"))
 
 
-def _type_text(field: attrs.Attribute) -> str:
-    t = field.type
-    text = t if isinstance(t, str) else getattr(t, "__name__", repr(t))
-    text = text.replace("typing.", "").replace("pathlib.", "")
-    text = re.sub(r"Literal\[OPTIMIZERS\]|Literal\[[A-Z_]+\]", "one of the names listed", text)
-    return text
+def _format_type(t: Any) -> str:
+    """A type as written in Python, without module prefixes (deterministic for resolved hints)."""
+    import types
+
+    if isinstance(t, str):
+        return re.sub(r"\b(?:typing|pathlib|collections\.abc)\.", "", t)
+    if t is type(None):
+        return "None"
+    origin, args = typing.get_origin(t), typing.get_args(t)
+    if origin in (typing.Union, types.UnionType):
+        return " | ".join(_format_type(a) for a in args)
+    if origin is typing.Literal:
+        return "Literal[" + ", ".join(repr(a) for a in args) + "]"
+    if origin is not None:
+        name = getattr(origin, "__name__", str(origin))
+        return f"{name}[{', '.join(_format_type(a) for a in args)}]" if args else name
+    if isinstance(t, type):
+        return t.__name__
+    return str(t)
+
+
+def _type_text(cls: type, field: attrs.Attribute) -> str:
+    try:
+        hint = typing.get_type_hints(cls).get(field.name, field.type)
+    except Exception:  # noqa: BLE001 - fall back to the annotation as written
+        hint = field.type
+    return _format_type(hint)
 
 
 def _default_text(field: attrs.Attribute) -> str:
@@ -88,10 +110,10 @@ def _cell(text: str) -> str:
     return " ".join(text.split()).replace("|", "\\|")
 
 
-def _nested(field: attrs.Attribute, known: dict[str, type]) -> list[str]:
+def _nested(cls: type, field: attrs.Attribute, known: dict[str, type]) -> list[str]:
     """Names of config classes (of ``known``) a field's type mentions."""
-    text = field.type if isinstance(field.type, str) else getattr(field.type, "__name__", "")
-    return [name for name in known if re.search(rf"\b{name}\b", str(text))]
+    text = _type_text(cls, field)
+    return [name for name in known if re.search(rf"\b{name}\b", text)]
 
 
 def _table(cls: type, known: dict[str, type], skip: Iterable[str] = ()) -> list[str]:
@@ -100,58 +122,50 @@ def _table(cls: type, known: dict[str, type], skip: Iterable[str] = ()) -> list[
     for field in attrs.fields(cls):
         if field.name in skip or field.name.startswith("_"):
             continue
-        links = [f"[{n}](#{_anchor(n)})" for n in _nested(field, known)]
+        links = [f"[{n}](#{_anchor(n)})" for n in _nested(cls, field, known)]
         doc = field_doc(field) + (f" See {', '.join(links)}." if links else "")
-        rows.append(f"| `{field.name}` | `{_cell(_type_text(field))}` | {_default_text(field)} | {_cell(doc)} |")
+        rows.append(f"| `{field.name}` | `{_cell(_type_text(cls, field))}` | {_default_text(field)} | {_cell(doc)} |")
     if len(rows) == 2:
         rows.append("| — | | | (no options) |")
     return rows
 
 
+def _walk(t: Any) -> Iterable[Any]:
+    yield t
+    for arg in typing.get_args(t):
+        yield from _walk(arg)
+
+
+def _nested_classes(cls: type) -> list[type]:
+    """attrs classes a config class's fields are typed with (resolved type hints: deterministic,
+    whatever modules happen to be imported)."""
+    try:
+        hints = typing.get_type_hints(cls)
+    except Exception:  # noqa: BLE001 - an unresolvable annotation: no nested tables listed
+        return []
+    out = []
+    for field in attrs.fields(cls):
+        for t in _walk(hints.get(field.name)):
+            if isinstance(t, type) and attrs.has(t) and t not in out:
+                out.append(t)
+    return out
+
+
 def _shared_classes(registry: Any) -> dict[str, type]:
     """Config classes nested in component configs that are not components themselves."""
-    from lmsae.activations.factory import ActivationsConfig
-    from lmsae.distributed.mesh import DistributedConfig
-    from lmsae.training.initializer import InitializerConfig
-
-    shared: dict[str, type] = {"ActivationsConfig": ActivationsConfig, "InitializerConfig": InitializerConfig,
-                               "DistributedConfig": DistributedConfig}
-    seen: set[type] = set(shared.values())
-    queue = list(shared.values())
     component_classes = {e.spec.config_class for e in registry.entries() if hasattr(e.spec, "config_class")}
-    for entry in registry.entries():
-        spec = entry.spec
-        if hasattr(spec, "config_class"):
-            queue.append(spec.config_class)
+    shared: dict[str, type] = {}
+    seen: set[type] = set()
+    queue = sorted(component_classes, key=lambda c: (c.__module__, c.__qualname__))
     while queue:
-        cls = queue.pop()
-        for field in attrs.fields(cls):
-            text = field.type if isinstance(field.type, str) else ""
-            for name, candidate in _importable_configs().items():
-                if candidate in seen or candidate in component_classes:
-                    continue
-                if re.search(rf"\b{name}\b", str(text)):
-                    shared[name] = candidate
-                    seen.add(candidate)
-                    queue.append(candidate)
+        cls = queue.pop(0)
+        for nested in _nested_classes(cls):
+            if nested in seen or nested in component_classes:
+                continue
+            seen.add(nested)
+            shared[nested.__name__] = nested
+            queue.append(nested)
     return dict(sorted(shared.items()))
-
-
-def _importable_configs() -> dict[str, type]:
-    """Every attrs config class defined in the lmsae package modules already imported."""
-    import sys
-
-    from lmsae.config.base import Config
-
-    found: dict[str, type] = {}
-    for module_name, module in list(sys.modules.items()):
-        if not (module_name == "lmsae" or module_name.startswith("lmsae.") or module_name.startswith("lmsae_")):
-            continue
-        for value in list(vars(module).values()):
-            if (isinstance(value, type) and attrs.has(value) and value is not Config
-                    and (issubclass(value, Config) or value.__name__.endswith("Config"))):
-                found.setdefault(value.__name__, value)
-    return found
 
 
 def render_reference(registry: Any) -> str:
