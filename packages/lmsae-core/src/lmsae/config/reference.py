@@ -51,7 +51,9 @@ def _format_type(t: Any) -> str:
     if origin in (typing.Union, types.UnionType):
         return " | ".join(_format_type(a) for a in args)
     if origin is typing.Literal:
-        return "Literal[" + ", ".join(repr(a) for a in args) + "]"
+        # sorted: typing caches Literal types by their set of values, so the order a Literal
+        # shows depends on which equal Literal was created first
+        return "Literal[" + ", ".join(sorted(repr(a) for a in args)) + "]"
     if origin is not None:
         name = getattr(origin, "__name__", str(origin))
         return f"{name}[{', '.join(_format_type(a) for a in args)}]" if args else name
