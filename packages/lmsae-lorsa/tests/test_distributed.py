@@ -18,16 +18,11 @@ steps through the core trainer on 2 processes (:func:`lmsae.testing.distributed.
 
 from __future__ import annotations
 
-import json
-import os
-import socket
-import subprocess
 import sys
-import traceback
-from pathlib import Path
 
 import pytest
 import torch
+from lmsae.testing.shard_step import ShardStepCheck
 from lmsae.errors import ShardingError
 from lmsae_lorsa.config import LorsaConfig
 from lmsae_lorsa.model import LowRankSparseAttention
@@ -36,8 +31,6 @@ from lmsae_lorsa.spec import LORSA_SPEC
 SPEC = LORSA_SPEC
 #: processes of the launch: 2 (layouts "model" and "data"), or 4 with LMSAE_TEST_DISTRIBUTED_WORLD=4
 #: (a data = 2 x model = 2 mesh, adding the "data+model" layout)
-WORLD = int(os.environ.get("LMSAE_TEST_DISTRIBUTED_WORLD", "2"))
-LAYOUTS = ("model", "data", "data+model") if WORLD == 4 else ("model", "data")
 N_SEQ, N_CTX, D_MODEL = 4, 6, 8
 TOL = 1e-10
 
@@ -89,138 +82,15 @@ def feature_dim(config: LorsaConfig, ndim: int) -> int:
     return ndim - 1
 
 
-# --- the check (the same in the CLT, Lorsa and MOLT tests; the helpers above differ) ---------------
+# --- the check (shared by the CLT, Lorsa and MOLT tests: lmsae.testing.shard_step) ------------------
 
-
-def objective(y, acts, norm, mask, label, feature_group=None):
-    """Masked squared error of the prediction + 0.1 * decoder-norm-weighted L1 of the activations
-    (the L1 of a feature shard summed over the model group, as the trainer does)."""
-    from lmsae.distributed.collectives import reduce_sum
-
-    w = mask.to(y.dtype)
-    err = (y - label).square().reshape(*mask.shape, -1).sum(-1)
-    l1 = (acts * norm).reshape(*mask.shape, -1).sum(-1)
-    return (err * w).sum() + 0.1 * reduce_sum((l1 * w).sum(), feature_group)
-
-
-def run_case(name: str, layout: str, full_mesh) -> None:
-    from lmsae.distributed.collectives import all_reduce, reduce_sum
-    from lmsae.distributed.mesh import Mesh
-    from lmsae.distributed.parallel import ParallelContext, parallel
-    from lmsae.distributed.sharding import rule_dim, shard_state, shard_tensor
-
-    spec = SPEC
-    cfg = make_config(**CASES[name])
-    full = make_model(cfg)
-    x, extras, mask, label = make_batch(full)
-
-    # the single-process reference on the whole batch
-    acts_full = full.activate(full.encode_pre(x, **extras), mask)
-    y_full = full.decode(acts_full, **extras)
-    objective(y_full, acts_full, full.decoder_norm(), mask, label).backward()
-    grads_full = {n: p.grad.detach().clone() for n, p in full.named_parameters()}
-
-    if layout == "data+model":
-        mesh = full_mesh
-    else:  # two processes of the launch (a model group, or a data group of the 4-process mesh) play the axis
-        axis = "model" if full_mesh.size("data") == 1 else layout
-        mesh = Mesh({layout: 2}, rank=full_mesh.coord(axis), groups={(layout,): full_mesh.group(axis)})
-    m, mi = mesh.size("model"), mesh.coord("model")
-    dn, di = mesh.size("data"), mesh.coord("data")
-    rules = spec.sharding_rules(cfg)
-    params = {n for n, _ in full.named_parameters()}
-    if m > 1:
-        shard = spec.model_class(spec.shard_config(cfg, {"model": m})).double()
-        shard.load_state_dict(shard_state(full.state_dict(), rules, {"model": (mi, m)}, parameters=params))
-    else:
-        shard = make_model(cfg)
-    n = x.shape[0]  # the data axis splits the first token axis
-    rows = slice(di * n // dn, (di + 1) * n // dn)
-    x_l, mask_l, label_l = x[rows], mask[rows], label[rows]
-    extras_l = {k: v[rows] for k, v in extras.items()}
-
-    ctx = ParallelContext(mesh)
-    with parallel(ctx):
-        acts = shard.activate(shard.encode_pre(x_l, **extras_l), mask_l)
-        partial = shard.decode(acts, **extras_l) if ctx.first("model") else shard.decode_linear(acts, **extras_l)
-        y = reduce_sum(partial, ctx.feature_group)
-        loss = objective(y, acts, shard.decoder_norm(), mask_l, label_l, ctx.feature_group)
-    loss.backward()
-
-    # gradients: a parameter's gradient is summed over the axes it is replicated along
-    grads = {}
-    for n, p in shard.named_parameters():
-        g = p.grad if p.grad is not None else torch.zeros_like(p)
-        dim = rule_dim(rules, n, "model")
-        axes = ("data",) if dim is not None else ("data", "model")
-        grads[n] = (all_reduce(g, mesh.group(*axes)), dim)
-
-    def close(got, want, what):
-        got, want = got.detach(), want.detach()
-        err = float((got - want).abs().max()) if got.numel() else 0.0
-        scale = max(1.0, float(want.abs().max()) if want.numel() else 0.0)
-        if not err <= TOL * scale:
-            raise AssertionError(f"{name} on {layout}: {what} differs by {err:.3g} (scale {scale:.3g})")
-
-    close(y, y_full[rows], "the prediction")
-    d = feature_dim(cfg, acts_full.ndim)
-    close(acts, shard_tensor(acts_full[rows], d, m, mi) if m > 1 else acts_full[rows], "the activations")
-    if int((acts != 0).sum()) == 0:
-        raise AssertionError(f"{name} on {layout}: no active feature (the case tests nothing)")
-    for n, (g, dim) in grads.items():
-        want = grads_full[n]
-        close(g, shard_tensor(want, dim, m, mi) if m > 1 else want, f"the gradient of {n}")
-
-
-def worker(out_dir: str) -> None:
-    from lmsae.distributed.mesh import DistributedConfig, build_mesh
-
-    torch.set_num_threads(1)
-    rank = int(os.environ["RANK"])
-    sizes = {"data": 2, "model": 2} if WORLD == 4 else {"model": 2}
-    full_mesh = build_mesh(DistributedConfig(**sizes, timeout_s=60.0))
-    outcome = {}
-    for name in CASES:
-        for layout in LAYOUTS:
-            try:
-                run_case(name, layout, full_mesh)
-                outcome[f"{name}/{layout}"] = None
-            except Exception:
-                outcome[f"{name}/{layout}"] = traceback.format_exc()
-    Path(out_dir, f"rank{rank}.json").write_text(json.dumps(outcome))
-    torch.distributed.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+CHECK = ShardStepCheck(SPEC, CASES, make_config, make_model, make_batch, feature_dim, tol=TOL)
+LAYOUTS = CHECK.layouts
 
 
 @pytest.fixture(scope="module")
 def outcomes(tmp_path_factory) -> dict[str, str | None]:
-    out = tmp_path_factory.mktemp("distributed")
-    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "WORLD_SIZE": str(WORLD),
-           "OMP_NUM_THREADS": "1"}
-    procs = [subprocess.Popen([sys.executable, __file__, str(out)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}) for r in range(WORLD)]
-    logs = []
-    try:
-        for p in procs:
-            logs.append(p.communicate(timeout=240)[0].decode(errors="replace"))
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    merged: dict[str, str | None] = {}
-    for r in range(WORLD):
-        path = out / f"rank{r}.json"
-        if not path.exists():
-            pytest.fail(f"distributed worker {r} wrote no result (exit codes {[p.returncode for p in procs]}):\n"
-                        + "\n".join(logs))
-        for case, error in json.loads(path.read_text()).items():
-            merged[case] = merged.get(case) or (f"rank {r}: {error}" if error else None)
-    return merged
+    return CHECK.launch(__file__, tmp_path_factory.mktemp("distributed"))
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
@@ -276,4 +146,4 @@ def test_training_on_a_mesh_matches_one_process(tmp_path, sizes):
 
 
 if __name__ == "__main__":
-    worker(sys.argv[1])
+    CHECK.worker(sys.argv[1])

@@ -107,3 +107,24 @@ def take(stream: Iterable[Any], n: int) -> list[Any]:
 
 def hook_points_of(model: SparseDictionary) -> tuple[str, ...]:
     return tuple(model.config.hook_points)
+
+
+def training_summary(result: Any, final: dict[str, float], seconds: float) -> dict[str, Any]:
+    """What a train run (and each sweep item) writes to training_summary.json: the held-out
+    evaluation when there is one, else the last training window; ``result`` is a TrainResult."""
+    window = result.metrics
+    if final:
+        source = "held-out evaluation"
+        ev, l0, dead, mse = final["explained_variance"], final["l0"], final["dead_fraction"], final["mse"]
+        n_eval = final["n_tokens"]
+    else:
+        source = "last training window"
+        ev = window.get("metrics/explained_variance", float("nan"))
+        l0 = window.get("metrics/l0", float("nan"))
+        dead = window.get("metrics/dead_fraction", float("nan"))
+        mse = window.get("metrics/mse", float("nan"))
+        n_eval = 0.0
+    return {"reason": result.reason, "message": result.message, "steps": result.steps,
+            "total_steps": result.total_steps, "tokens": result.tokens, "seconds": round(seconds, 2),
+            "tokens_per_second": result.tokens / max(seconds, 1e-9), "metrics_source": source,
+            "explained_variance": ev, "l0": l0, "dead_fraction": dead, "mse": mse, "eval_tokens": n_eval}

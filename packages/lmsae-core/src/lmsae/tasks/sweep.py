@@ -103,11 +103,19 @@ from lmsae.logging.loggers import (
 )
 from lmsae.records import TaskSpec
 from lmsae.runtime import RunContext
-from lmsae.tasks.common import DTYPES, estimate_dataset_norms, model_loader, resolve_device, stream_builder, take
+from lmsae.tasks.common import (
+    DTYPES,
+    estimate_dataset_norms,
+    model_loader,
+    resolve_device,
+    stream_builder,
+    take,
+    training_summary,
+)
 from lmsae.training.evaluation import evaluate_reconstruction
 from lmsae.training.initializer import InitializerConfig, initialize
 from lmsae.training.state_io import atomic_write_json
-from lmsae.training.trainer import TrainResult, list_checkpoints
+from lmsae.training.trainer import TrainResult, _to_device, list_checkpoints
 
 log = logging.getLogger(__name__)
 
@@ -441,31 +449,6 @@ def _batch_rows(batch: Mapping[str, Any]) -> int:
     return int(next(v for v in batch.values() if isinstance(v, torch.Tensor) and v.is_floating_point()).shape[0])
 
 
-def _to_device(batch: Mapping[str, Any], device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
-    return {k: (v.to(device, dtype=dtype if v.is_floating_point() else None, non_blocking=True)
-                if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
-
-
-def _summary(result: TrainResult, final: dict[str, float], seconds: float) -> dict[str, Any]:
-    """What train writes to training_summary.json (same keys)."""
-    window = result.metrics
-    if final:
-        source = "held-out evaluation"
-        ev, l0, dead, mse = final["explained_variance"], final["l0"], final["dead_fraction"], final["mse"]
-        n_eval = final["n_tokens"]
-    else:
-        source = "last training window"
-        ev = window.get("metrics/explained_variance", float("nan"))
-        l0 = window.get("metrics/l0", float("nan"))
-        dead = window.get("metrics/dead_fraction", float("nan"))
-        mse = window.get("metrics/mse", float("nan"))
-        n_eval = 0.0
-    return {"reason": result.reason, "message": result.message, "steps": result.steps,
-            "total_steps": result.total_steps, "tokens": result.tokens, "seconds": round(seconds, 2),
-            "tokens_per_second": result.tokens / max(seconds, 1e-9), "metrics_source": source,
-            "explained_variance": ev, "l0": l0, "dead_fraction": dead, "mse": mse, "eval_tokens": n_eval}
-
-
 # --- the task ---------------------------------------------------------------------------------
 
 
@@ -733,7 +716,7 @@ def _finish(cfg: SweepRunConfig, registry: Any, it: _Item, reason: str, shared_e
     registry.hook.lmsae_after_training(trainer=trainer, dictionary=it.model, result=result)
     final = (evaluate_reconstruction(it.model, shared_eval, int(it.setting("eval_tokens", 100_000)), device=device)
              if shared_eval is not None else {})
-    summary = _summary(result, final, time.monotonic() - start)
+    summary = training_summary(result, final, time.monotonic() - start)
     it.loggers.log_summary(summary)
     saved = copy.deepcopy(it.model).cpu()
     if cfg.fold_normalization and saved.config.normalization == "dataset":

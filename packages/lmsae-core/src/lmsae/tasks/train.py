@@ -45,6 +45,7 @@ from lmsae.tasks.common import (
     resolve_device,
     stream_builder,
     take,
+    training_summary,
 )
 from lmsae.training.evaluation import evaluate_reconstruction
 from lmsae.training.initializer import InitializerConfig, initialize
@@ -290,7 +291,7 @@ def run(cfg: TrainRunConfig, context: RunContext) -> TrainResult:
         if not primary:
             return result
         final = evaluate_reconstruction(whole, make_eval(), eval_tokens, device=device) if make_eval else {}
-        summary = _summary(result, final, time.monotonic() - start)
+        summary = training_summary(result, final, time.monotonic() - start)
         loggers.log_summary(summary)
         saved = copy.deepcopy(whole).cpu()
         if cfg.fold_normalization and saved.config.normalization == "dataset":
@@ -334,25 +335,6 @@ def run_after_training(cfg: TrainRunConfig, context: RunContext) -> None:
         attribute_logits.run(attribute_logits.AttributeLogitsRunConfig(
             pretrained=pretrained, dictionary_name=name, model=cfg.model, store=after.store,
             device=cfg.device), context)
-
-
-def _summary(result: TrainResult, final: dict[str, float], seconds: float) -> dict[str, Any]:
-    window = result.metrics
-    if final:
-        source = "held-out evaluation"
-        ev, l0, dead, mse = final["explained_variance"], final["l0"], final["dead_fraction"], final["mse"]
-        n_eval = final["n_tokens"]
-    else:
-        source = "last training window"
-        ev = window.get("metrics/explained_variance", float("nan"))
-        l0 = window.get("metrics/l0", float("nan"))
-        dead = window.get("metrics/dead_fraction", float("nan"))
-        mse = window.get("metrics/mse", float("nan"))
-        n_eval = 0.0
-    return {"reason": result.reason, "message": result.message, "steps": result.steps,
-            "total_steps": result.total_steps, "tokens": result.tokens, "seconds": round(seconds, 2),
-            "tokens_per_second": result.tokens / max(seconds, 1e-9), "metrics_source": source,
-            "explained_variance": ev, "l0": l0, "dead_fraction": dead, "mse": mse, "eval_tokens": n_eval}
 
 
 def _print_summary(context: RunContext, s: dict[str, Any], out: pathlib.Path) -> None:
