@@ -6,11 +6,25 @@ import pytest
 import torch
 
 from lmsae.dictionary.sae import SAEConfig, SparseAutoEncoder
+from lmsae.nn import _kernels
 from lmsae.nn.activations import TopK, auxk_select
 from lmsae.nn.fused import auxk_sae_forward, sparse_batch_statistics, topk_sae_forward, topk_select
 from lmsae.training.metrics import batch_statistics
 
 PARAMS = ("W_E", "b_E", "W_D", "b_D")
+
+
+@pytest.fixture(autouse=True, params=["compiled", "torch"])
+def kernel_path(request):
+    """Every test runs with the compiled CPU kernels (numba) and with the pure-PyTorch path."""
+    if request.param == "compiled":
+        if not _kernels.available():
+            pytest.fail(f"the numba kernels should be available in the test environment: "
+                        f"{_kernels.unavailable_reason()}")
+        yield request.param
+    else:
+        with _kernels.disabled():
+            yield request.param
 
 
 def _model(d=12, f=48, k=5, dtype=torch.float64, seed=0, **kw) -> SparseAutoEncoder:
@@ -158,7 +172,7 @@ def test_not_applicable_for_other_dtype():
     assert model.fused_topk_forward(torch.randn(3, 12, dtype=torch.float32), {}) is None
 
 
-@pytest.mark.parametrize("method", ["auto", "topk", "two_stage", "two_stage_numpy"])
+@pytest.mark.parametrize("method", ["auto", "compiled", "topk", "two_stage", "two_stage_numpy"])
 @pytest.mark.parametrize("f", [64, 4096])
 def test_topk_select_matches_topk_activation(f, method):
     g = torch.Generator().manual_seed(9)
@@ -172,7 +186,7 @@ def test_topk_select_matches_topk_activation(f, method):
 
 def test_topk_select_float64_two_stage():
     pre = torch.randn(40, 2048, dtype=torch.float64, generator=torch.Generator().manual_seed(13))
-    for method in ("two_stage", "two_stage_numpy"):
+    for method in ("two_stage", "two_stage_numpy", "compiled"):
         values, indices = topk_select(pre, 8, method=method)
         torch.testing.assert_close(_dense(indices, values, 2048), TopK(8)(pre), atol=0, rtol=0)
 
@@ -233,3 +247,57 @@ def test_functional_api_without_buffers():
     acts = TopK(3)(x @ W_E + b_E)
     torch.testing.assert_close(recon, acts @ W_D)
     assert not idx.requires_grad and vals.requires_grad
+
+
+def _check_select(pre: torch.Tensor, k: int, method: str = "compiled") -> None:
+    values, indices = topk_select(pre, k, method=method)
+    kk = min(k, pre.shape[1])
+    assert values.shape == indices.shape == (pre.shape[0], kk)
+    assert (indices.sort(-1).values.diff(dim=-1) > 0).all()  # distinct features per token
+    ref_values = torch.topk(pre, kk, dim=1).values.relu()
+    # the same multiset of values as torch.topk (ties may pick other columns of equal value)
+    torch.testing.assert_close(values.sort(-1).values, ref_values.sort(-1).values, atol=0, rtol=0, equal_nan=True)
+    # and the values sit at the columns reported
+    torch.testing.assert_close(values, torch.gather(pre, 1, indices).relu(), atol=0, rtol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("f,k", [(4096, 32), (999, 7), (1000, 7), (64, 64), (50, 1), (2048, 300), (512, 1)])
+def test_compiled_selection_edge_cases(f, k):
+    g = torch.Generator().manual_seed(14)
+    pre = torch.randn(70, f, generator=g)
+    pre[0] = 1.0  # one value everywhere: every entry is a candidate
+    pre[1] = -2.0
+    pre[2, : f // 2] = 3.0  # many ties at the top
+    pre[3] = float("-inf")
+    pre[3, ::7] = 0.5
+    pre[4, 5] = float("inf")
+    pre[5] = torch.randn(f, generator=g).exp() * 1e30  # heavy tail, huge values
+    pre[6] = torch.randn(f, generator=g) * 1e-30
+    pre[7] = torch.arange(f, dtype=torch.float32)  # sorted: the top is at the end
+    pre[8] = -torch.arange(f, dtype=torch.float32)
+    _check_select(pre, k)
+    _check_select(pre.double(), k)
+
+
+def test_compiled_selection_rows_with_nan_match_torch_topk():
+    g = torch.Generator().manual_seed(15)
+    pre = torch.randn(40, 4096, generator=g)
+    pre[3, 17] = float("nan")
+    pre[9] = float("nan")
+    values, indices = topk_select(pre, 16, method="compiled")
+    ref_v, ref_i = torch.topk(pre, 16, dim=1, sorted=False)
+    # NaN rows: NaN counts as the largest, as in torch.topk (the plain TopK)
+    assert set(indices[3].tolist()) == set(ref_i[3].tolist()) and 17 in indices[3].tolist()
+    assert torch.isnan(values[3]).sum() == 1 and torch.isnan(values[9]).all()
+    others = [r for r in range(40) if r not in (3, 9)]
+    torch.testing.assert_close(values[others].sort(-1).values, ref_v[others].relu().sort(-1).values)
+
+
+def test_kernels_switch_off():
+    pre = torch.randn(8, 256)
+    with _kernels.disabled():
+        assert not _kernels.available()
+        assert "switched off" in _kernels.unavailable_reason()
+        values, indices = topk_select(pre, 4)  # "auto" falls back to a torch/numpy selection
+    assert _kernels.available() == (_kernels.unavailable_reason() is None)
+    torch.testing.assert_close(_dense(indices, values, 256), TopK(4)(pre), atol=0, rtol=0)

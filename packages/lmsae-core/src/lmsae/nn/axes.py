@@ -163,6 +163,8 @@ def flatten_tokens(tensor: Tensor, axes: Axes, mask: Tensor | None = None) -> Te
         return flat
     # The mask's dims are the token axes in ``axes`` order, i.e. the same order as ``dims``.
     keep = mask.reshape(-1) != 0
+    if flat.device.type == "cpu" and bool(keep.all()):
+        return flat  # nothing masked: no copy (on the CPU the check costs no device sync)
     return flat[keep]
 
 

@@ -58,6 +58,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from lmsae.errors import ShapeError
+from lmsae.nn import _kernels
 
 __all__ = [
     "auxk_sae_forward",
@@ -133,7 +134,32 @@ def _sampled_dot(grad: Tensor, weight: Tensor, indices: Tensor) -> Tensor:
     return out.values().reshape(indices.shape)
 
 
+def _compiled(*tensors: Tensor) -> bool:
+    """Whether the compiled CPU kernels apply: numba available, CPU float32/float64 tensors."""
+    first = tensors[0]
+    return (first.device.type == "cpu" and first.dtype in (torch.float32, torch.float64)
+            and all(t.device.type == "cpu" and (t.dtype == first.dtype or not t.is_floating_point())
+                    for t in tensors)
+            and _kernels.available())
+
+
+def _threads() -> int:
+    return torch.get_num_threads()
+
+
+def _np(t: Tensor) -> np.ndarray:
+    return t.detach().contiguous().numpy()
+
+
 def _decode(indices: Tensor, values: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    if _compiled(values, weight) and indices.dtype == torch.int64:
+        n = indices.shape[0]
+        if bias is not None:
+            out = bias.detach().expand(n, weight.shape[1]).clone()
+        else:
+            out = torch.zeros(n, weight.shape[1], dtype=weight.dtype)
+        _kernels.call("decode", _np(indices), _np(values), _np(weight), out.numpy(), threads=_threads())
+        return out
     out = F.embedding_bag(indices, weight, per_sample_weights=values, mode="sum")
     if bias is not None:
         out.add_(bias)
@@ -142,7 +168,7 @@ def _decode(indices: Tensor, values: Tensor, weight: Tensor, bias: Tensor | None
 
 # --------------------------------------------------------------------------------- selection
 
-SELECT_METHODS = ("auto", "topk", "two_stage", "two_stage_numpy")
+SELECT_METHODS = ("auto", "compiled", "topk", "two_stage", "two_stage_numpy")
 
 _POOL: tuple[int, ThreadPoolExecutor] | None = None  # (pid, pool) for numpy selections on several threads
 
@@ -203,9 +229,13 @@ def topk_select(pre: Tensor, k: int, *, buffers: Buffers | None = None,
     with the largest maxima are kept (every top-k entry lies in one of them: each of the k blocks
     whose maximum is >= the k-th largest value holds at least one top-k entry, and there are only
     k such entries), and the top-k is taken among their ``k * b`` entries; both selections use
-    ``torch.topk`` or ``numpy.argpartition``. ``"auto"`` (measured on 2-core CPUs:
-    ``benchmarks/topk_step.py``): two-stage with numpy on the CPU for float32/float64 when
-    ``d_sae >= 16 k`` (about half the time of ``torch.topk`` at ``d_sae = 4096, k = 32``),
+    ``torch.topk`` or ``numpy.argpartition``. ``"compiled"``: the strided block maxima (one
+    vectorised ``amax``), then one compiled pass per row (:mod:`lmsae.nn._kernels`) that scans
+    only the blocks able to hold a top-k entry and selects among their entries above a
+    guaranteed lower bound of the k-th value (rows holding NaN are redone with ``torch.topk``).
+    ``"auto"`` (measured on 2-core CPUs: ``benchmarks/topk_step.py``): ``"compiled"`` on the CPU
+    for float32/float64 when numba is available (about a fifth of ``torch.topk``'s time at
+    ``d_sae = 4096, k = 32``), else the numpy two-stage selection when ``d_sae >= 16 k``,
     ``torch.topk`` otherwise (and always on accelerators).
     """
     if pre.ndim != 2:
@@ -218,7 +248,14 @@ def topk_select(pre: Tensor, k: int, *, buffers: Buffers | None = None,
     b = _two_stage_block(f, k) if k > 0 else 0
     use_numpy = pre.device.type == "cpu" and pre.dtype in (torch.float32, torch.float64)
     if method == "auto":
-        method = "two_stage_numpy" if (use_numpy and b and f >= 16 * k) else "topk"
+        if use_numpy and k > 0 and n > 0 and _kernels.available():
+            method = "compiled"
+        else:
+            method = "two_stage_numpy" if (use_numpy and b and f >= 16 * k) else "topk"
+    if method == "compiled":
+        if use_numpy and k > 0 and n > 0 and _kernels.available():
+            return _select_compiled(pre, k, b or 1, buffers)
+        method = "two_stage_numpy" if (use_numpy and b) else "topk"
     if method != "topk" and not b:
         method = "topk"
     if method == "two_stage_numpy" and not use_numpy:
@@ -241,6 +278,28 @@ def topk_select(pre: Tensor, k: int, *, buffers: Buffers | None = None,
     else:
         values, j = torch.topk(cand_values, k, dim=1, sorted=False)
     return values.relu_(), torch.gather(cand, 1, j)
+
+
+def _select_compiled(pre: Tensor, k: int, b: int, buffers: Buffers | None) -> tuple[Tensor, Tensor]:
+    n, f = pre.shape
+    nb = f // b
+    if b > 1:
+        block_max = _buffer(buffers, "block_max", (n, nb), pre)
+        torch.amax(pre.view(n, b, nb), dim=1, out=block_max)
+    else:
+        block_max = pre
+    values = torch.empty(n, k, dtype=pre.dtype)
+    indices = torch.empty(n, k, dtype=torch.int64)
+    bad = torch.empty(n, dtype=torch.bool)
+    threads = _threads()
+    _kernels.call("select_blocks", pre.numpy(), block_max.numpy(), k, values.numpy(), indices.numpy(),
+                  bad.numpy(), min(n, 8 * threads), threads=threads)
+    if bool(bad.any()):  # rows holding NaN: exactly what torch.topk (the plain TopK) picks
+        rows = bad.nonzero().reshape(-1)
+        v, i = torch.topk(pre[rows], k, dim=1, sorted=False)
+        values[rows] = v.relu_()
+        indices[rows] = i
+    return values, indices
 
 
 # ---------------------------------------------------------------------------- autograd core
@@ -273,27 +332,16 @@ class _TopKSAEFunction(torch.autograd.Function):
         n_features = W_E.shape[1]
         g_x = g_W_E = g_b_E = g_W_D = g_b_D = g_ib = None
         need_enc = need[0] or need[1] or need[2] or need[5]
-        transpose = _Transpose(indices, n_features) if (need[1] or need[3]) else None
-        if grad_recon is not None:
-            if need[3]:
-                g_W_D = transpose.matmul(values, grad_recon)
-            if need[4]:
-                g_b_D = grad_recon.sum(0)
+        tensors = [x_in, W_E, W_D, values] + [g for g in (grad_recon, grad_values) if g is not None]
+        if _compiled(*tensors):
+            gv, g_W_E, g_b_E, g_W_D = _backward_compiled(grad_recon, grad_values, x_in, W_D, indices, values,
+                                                         n_features, need, need_enc)
+        else:
+            gv, g_W_E, g_b_E, g_W_D = _backward_torch(grad_recon, grad_values, x_in, W_D, indices, values,
+                                                      n_features, need, need_enc)
+        if grad_recon is not None and need[4]:
+            g_b_D = grad_recon.sum(0)
         if need_enc:
-            if grad_recon is not None:
-                gv = _sampled_dot(grad_recon, W_D, indices)
-                if grad_values is not None:
-                    gv = gv + grad_values
-            elif grad_values is not None:
-                gv = grad_values.clone()
-            else:
-                gv = torch.zeros_like(values)
-            gv = gv.masked_fill_(values <= 0, 0)  # ReLU: no gradient where the activation is 0
-            if need[1]:
-                g_W_E = transpose.matmul(gv, x_in).t()
-            if need[2] or need[5]:
-                g_b_E = torch.zeros(n_features, dtype=gv.dtype, device=gv.device)
-                g_b_E.index_add_(0, indices.reshape(-1), gv.reshape(-1))
             if need[5]:
                 g_ib = -(W_E @ g_b_E)
             if need[0]:
@@ -301,6 +349,68 @@ class _TopKSAEFunction(torch.autograd.Function):
             if not need[2]:
                 g_b_E = None
         return g_x, g_W_E, g_b_E, g_W_D, g_b_D, g_ib, None, None, None
+
+
+def _backward_torch(grad_recon, grad_values, x_in, W_D, indices, values, n_features, need, need_enc):
+    """The backward with PyTorch sparse ops: ``(grad_values, g_W_E, g_b_E, g_W_D)``."""
+    gv = g_W_E = g_b_E = g_W_D = None
+    transpose = _Transpose(indices, n_features) if (need[1] or need[3]) else None
+    if grad_recon is not None and need[3]:
+        g_W_D = transpose.matmul(values, grad_recon)
+    if need_enc:
+        if grad_recon is not None:
+            gv = _sampled_dot(grad_recon, W_D, indices)
+            if grad_values is not None:
+                gv = gv + grad_values
+        elif grad_values is not None:
+            gv = grad_values.clone()
+        else:
+            gv = torch.zeros_like(values)
+        gv = gv.masked_fill_(values <= 0, 0)  # ReLU: no gradient where the activation is 0
+        if need[1]:
+            g_W_E = transpose.matmul(gv, x_in).t()
+        if need[2] or need[5]:
+            g_b_E = torch.zeros(n_features, dtype=gv.dtype, device=gv.device)
+            g_b_E.index_add_(0, indices.reshape(-1), gv.reshape(-1))
+    return gv, g_W_E, g_b_E, g_W_D
+
+
+def _backward_compiled(grad_recon, grad_values, x_in, W_D, indices, values, n_features, need, need_enc):
+    """The same with the compiled kernels: one pass per token for the sampled products, one pass
+    per feature (a counting sort gives each feature its tokens) for all three weight gradients."""
+    n, k = indices.shape
+    dtype = values.dtype
+    threads = _threads()
+    idx = _np(indices)
+    vals = _np(values)
+    gv = g_W_E = g_b_E = g_W_D = None
+    if need_enc:
+        gv = torch.empty(n, k, dtype=dtype)
+        if grad_recon is not None:
+            extra = _np(grad_values) if grad_values is not None else np.empty((0, k), dtype=vals.dtype)
+            _kernels.call("sampled_dot", _np(grad_recon), _np(W_D), idx, vals, extra, gv.numpy(), threads=threads)
+        elif grad_values is not None:
+            gv.copy_(grad_values).masked_fill_(values <= 0, 0)
+        else:
+            gv.zero_()
+    want = np.array([grad_recon is not None and need[3], need_enc and need[1], need_enc and (need[2] or need[5])])
+    if want.any():
+        crow = np.empty(n_features + 1, dtype=np.int64)
+        order = np.empty(n * k, dtype=np.int64)
+        _kernels.call("by_feature", idx, n_features, crow, order)
+        empty = np.empty((0, 0), dtype=vals.dtype)
+        g_wd = torch.empty(n_features, W_D.shape[1], dtype=dtype) if want[0] else None
+        g_we_t = torch.empty(n_features, x_in.shape[1], dtype=dtype) if want[1] else None
+        g_be = torch.empty(n_features, dtype=dtype) if want[2] else None
+        _kernels.call("feature_grads", crow, order, k, vals,
+                      _np(grad_recon) if want[0] else empty, _np(gv) if gv is not None else empty,
+                      _np(x_in) if want[1] else empty,
+                      g_wd.numpy() if want[0] else empty, g_we_t.numpy() if want[1] else empty,
+                      g_be.numpy() if want[2] else np.empty(0, dtype=vals.dtype), want, threads=threads)
+        g_W_D = g_wd
+        g_W_E = g_we_t.t() if g_we_t is not None else None
+        g_b_E = g_be
+    return gv, g_W_E, g_b_E, g_W_D
 
 
 def _flatten(x: Tensor, width: int, name: str) -> tuple[Tensor, tuple[int, ...]]:

@@ -50,8 +50,18 @@ def arch_spec(tag: str) -> ArchitectureSpec:
 
 
 def fake_entry_points(monkeypatch: Any, eps: list[FakeEntryPoint]) -> None:
-    """Make plugin discovery see exactly ``eps`` (a pytest ``monkeypatch`` undoes it)."""
-    monkeypatch.setattr(_registry.md, "entry_points", lambda group: list(eps) if group == "lmsae" else [])
+    """Make plugin discovery see exactly ``eps`` (a pytest ``monkeypatch`` undoes it).
+
+    Only the ``lmsae`` group is faked: other callers of ``importlib.metadata.entry_points`` in the
+    process (numba looks up its extensions when it first compiles) get the real answer."""
+    real = _registry.md.entry_points
+
+    def entry_points(**params: Any) -> Any:
+        if params.get("group") == "lmsae":
+            return list(eps)
+        return real(**params)
+
+    monkeypatch.setattr(_registry.md, "entry_points", entry_points)
 
 
 __all__ = ["FakeEntryPoint", "arch_spec", "fake_entry_points", "module"]

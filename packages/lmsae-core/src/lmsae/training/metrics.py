@@ -40,13 +40,18 @@ def batch_statistics(feature_acts: Tensor, feature_axes: Sequence[str], reconstr
                      label: Tensor, output_axes: Sequence[str], mask: Tensor | None) -> dict[str, Tensor]:
     """Sums over one batch that :class:`MetricWindow` accumulates (all float64 on the acts' device)."""
     acts = flatten_tokens(feature_acts.detach(), feature_axes, mask)  # (n, *feature_dims)
-    y = _flat(label.detach(), output_axes, mask).double()
-    x_hat = _flat(reconstruction.detach(), output_axes, mask).double()
+    # per-token reductions in the activations' own precision (float32 or float64; half types are
+    # upcast to float32), then float64 for the sums over tokens: no float64 copy of the batch
+    y = _flat(label.detach(), output_axes, mask)
+    x_hat = _flat(reconstruction.detach(), output_axes, mask)
+    work = torch.promote_types(torch.promote_types(y.dtype, x_hat.dtype), torch.float32)
+    y, x_hat = y.to(work), x_hat.to(work)
     n = y.shape[0]
-    err = (x_hat - y).pow(2).sum(-1)
-    var = (y - y.mean(0, keepdim=True)).pow(2).sum(-1)
+    err = torch.linalg.vector_norm(x_hat - y, dim=-1).double().square()
+    var = torch.linalg.vector_norm(y - y.mean(0, keepdim=True), dim=-1).double().square()
     active = acts > 0
-    y_norm = y.norm(dim=-1)
+    y_norm = torch.linalg.vector_norm(y, dim=-1).double()
+    x_norm = torch.linalg.vector_norm(x_hat, dim=-1).double()
     return {
         "n_tokens": torch.tensor(float(n), dtype=torch.float64, device=y.device),
         "sq_err": err.sum(),
@@ -54,7 +59,7 @@ def batch_statistics(feature_acts: Tensor, feature_axes: Sequence[str], reconstr
         "l0": active.sum(dtype=torch.float64),
         "l2_error": err.sqrt().sum(),
         "label_norm": y_norm.sum(),
-        "l2_ratio": (x_hat.norm(dim=-1) / y_norm.clamp_min(1e-30)).sum(),
+        "l2_ratio": (x_norm / y_norm.clamp_min(1e-30)).sum(),
         "act_sum": acts.sum(dtype=torch.float64),
         "act_count": active.sum(dtype=torch.float64),
         "feature_count": active.sum(0, dtype=torch.float64),  # (*feature_dims,)

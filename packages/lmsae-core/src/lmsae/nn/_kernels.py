@@ -1,0 +1,299 @@
+"""Compiled CPU kernels (numba) for the fused TopK SAE path: selection, sparse decode, sparse backward.
+
+Importing this module compiles nothing; each kernel is compiled on its first call (a second or
+two each, then cached on disk by numba). :func:`available` says whether numba imports; every
+caller keeps a pure-PyTorch path for when it does not (and for accelerators).
+
+All kernels take NumPy views of contiguous CPU tensors (float32 or float64 values, int64
+indices) and write into preallocated outputs; they parallelise over rows (tokens) or features
+with ``numba.prange`` and never allocate anything of size ``(tokens, d_sae)``.
+
+Floating-point reductions (dot products) are compiled with ``reassoc``/``contract`` so they
+vectorise; the results therefore differ from PyTorch's by summation order only (~1e-7 relative
+in float32, ~1e-16 in float64).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+_LOCK = threading.Lock()  # numba's default "workqueue" layer must not be entered by two threads at once
+_STATE: dict[str, Any] = {}
+
+
+def available() -> bool:
+    """Whether numba imports (the kernels can be used) and they are not switched off
+    (``LMSAE_DISABLE_NUMBA=1`` or :func:`disabled`)."""
+    if _STATE.get("off"):
+        return False
+    if "ok" not in _STATE:
+        if os.environ.get("LMSAE_DISABLE_NUMBA", "").strip() not in ("", "0"):
+            _STATE["ok"] = False
+        else:
+            try:
+                _STATE["kernels"] = _build()
+                _STATE["ok"] = True
+            except Exception as exc:  # ImportError, or a numba that rejects this numpy
+                _STATE["ok"] = False
+                _STATE["error"] = f"{type(exc).__name__}: {exc}"
+    return bool(_STATE["ok"])
+
+
+@contextlib.contextmanager
+def disabled() -> Iterator[None]:
+    """Use the pure-PyTorch paths inside the block (tests compare both paths with it)."""
+    before = _STATE.get("off", False)
+    _STATE["off"] = True
+    try:
+        yield
+    finally:
+        _STATE["off"] = before
+
+
+def unavailable_reason() -> str | None:
+    if _STATE.get("off"):
+        return "switched off (lmsae.nn._kernels.disabled)"
+    if available():
+        return None
+    return _STATE.get("error", "disabled by LMSAE_DISABLE_NUMBA")
+
+
+def call(name: str, *args: Any, threads: int = 1) -> Any:
+    """Run kernel ``name`` on ``threads`` threads (serialised with other kernel calls)."""
+    if not available():
+        raise RuntimeError(f"numba kernels unavailable: {unavailable_reason()}")
+    import numba
+
+    kernel = _STATE["kernels"][name]
+    with _LOCK:
+        numba.set_num_threads(max(1, min(int(threads), numba.config.NUMBA_NUM_THREADS)))
+        return kernel(*args)
+
+
+def _build() -> dict[str, Any]:  # noqa: C901 - the kernels are defined together on purpose
+    import numba
+    import numpy as np
+    from numba import njit, prange
+    from numba.core import entrypoints
+
+    entrypoints.init_all()  # numba's own extension lookup, done now rather than at the first compile
+
+    _CACHE = os.environ.get("LMSAE_NUMBA_CACHE", "1") != "0"  # noqa: N806
+    fast = {"reassoc", "contract"}  # vectorised sums; no "nnan"/"ninf": NaN handling stays IEEE
+
+    @njit(nogil=True, cache=_CACHE, boundscheck=False)
+    def top_front(cv, ci, cnt, k):
+        """Reorder ``cv[:cnt]`` (and ``ci`` alongside) so that its ``k`` largest come first
+        (quickselect, Hoare partition around a median of three)."""
+        lo = 0
+        hi = cnt - 1
+        target = k - 1
+        while lo < hi:
+            mid = (lo + hi) >> 1
+            a = cv[lo]
+            b = cv[mid]
+            c = cv[hi]
+            if a < b:
+                a, b = b, a
+            if b < c:
+                b, c = c, b
+                if a < b:
+                    a, b = b, a
+            pivot = b
+            i = lo
+            j = hi
+            while i <= j:
+                while cv[i] > pivot:
+                    i += 1
+                while cv[j] < pivot:
+                    j -= 1
+                if i <= j:
+                    tv = cv[i]
+                    cv[i] = cv[j]
+                    cv[j] = tv
+                    ti = ci[i]
+                    ci[i] = ci[j]
+                    ci[j] = ti
+                    i += 1
+                    j -= 1
+            if target <= j:
+                hi = j
+            elif target >= i:
+                lo = i
+            else:
+                break
+
+    @njit(parallel=True, nogil=True, cache=_CACHE, boundscheck=False)
+    def select_blocks(pre, block_max, k, out_v, out_i, bad, chunks):
+        """Exact top-k of each row of ``pre`` given the maxima of disjoint blocks of its entries.
+
+        ``block_max[r]`` holds the maxima of ``nb >= k`` disjoint blocks covering row ``r``
+        (e.g. the strided blocks of a vectorised ``amax``). The blocks are split into ``k``
+        groups; ``t``, the smallest group maximum, is a lower bound of the k-th largest value
+        (each group holds an entry ``>= t``). One sequential, branch-free pass keeps the entries
+        ``>= t`` (typically a few times ``k``); a few bisection rounds on them raise ``t`` while
+        ``k`` entries stay above it, and a quickselect puts the ``k`` largest first.
+        Rows whose block maxima hold a NaN are flagged in ``bad`` (the caller redoes them).
+        ``out_v`` gets ``max(value, 0)`` (the TopK SAE's ReLU), ``out_i`` the columns.
+        Rows are processed in ``chunks`` parallel chunks, each with its own scratch.
+        """
+        n, f = pre.shape
+        nb = block_max.shape[1]
+        for ch in prange(chunks):
+            r0 = ch * n // chunks
+            r1 = (ch + 1) * n // chunks
+            cv = np.empty(f, pre.dtype)
+            ci = np.empty(f, np.int64)
+            for r in range(r0, r1):
+                bm = block_max[r]
+                row = pre[r]
+                t = bm[0]
+                nan = False
+                for gi in range(k):
+                    lo = gi * nb // k
+                    hi = (gi + 1) * nb // k
+                    m = bm[lo]
+                    nan |= m != m
+                    for c in range(lo + 1, hi):
+                        v = bm[c]
+                        nan |= v != v
+                        m = v if v > m else m
+                    t = m if (gi == 0 or m < t) else t
+                if nan:
+                    bad[r] = True
+                    continue
+                bad[r] = False
+                cnt = 0
+                for j in range(f):
+                    v = row[j]
+                    cv[cnt] = v
+                    ci[cnt] = j
+                    cnt += v >= t
+                if cnt > 2 * k:
+                    # narrow the candidates before the (branchy) quickselect: a few bisection
+                    # rounds of branch-free counts raise t while >= k entries stay above it
+                    hi_t = cv[0]
+                    for q in range(1, cnt):
+                        hi_t = cv[q] if cv[q] > hi_t else hi_t
+                    for _ in range(8):
+                        mid = t + (hi_t - t) * 0.5
+                        c2 = 0
+                        for q in range(cnt):
+                            c2 += cv[q] >= mid
+                        if c2 >= k:
+                            t = mid
+                            if c2 <= 2 * k:
+                                break
+                        else:
+                            hi_t = mid
+                    c2 = 0
+                    for q in range(cnt):
+                        v = cv[q]
+                        cv[c2] = v
+                        ci[c2] = ci[q]
+                        c2 += v >= t
+                    cnt = c2
+                if cnt > k:
+                    top_front(cv, ci, cnt, k)
+                for q in range(k):
+                    v = cv[q]
+                    out_v[r, q] = v if v > 0 else 0
+                    out_i[r, q] = ci[q]
+
+    @njit(parallel=True, nogil=True, cache=_CACHE, boundscheck=False, fastmath=fast)
+    def decode(indices, values, weight, out):
+        """``out[t] += sum_j values[t, j] * weight[indices[t, j]]`` (``out`` holds the bias or 0)."""
+        n, k = indices.shape
+        d = weight.shape[1]
+        for t in prange(n):
+            o = out[t]
+            for j in range(k):
+                v = values[t, j]
+                w = weight[indices[t, j]]
+                for c in range(d):
+                    o[c] += v * w[c]
+
+    @njit(parallel=True, nogil=True, cache=_CACHE, boundscheck=False, fastmath=fast)
+    def sampled_dot(grad, weight, indices, values, extra, out):
+        """``out[t, j] = <grad[t], weight[indices[t, j]]> (+ extra[t, j])``, 0 where ``values[t, j] <= 0``."""
+        n, k = indices.shape
+        d = grad.shape[1]
+        has_extra = extra.shape[0] == n
+        zero = np.zeros(1, out.dtype)
+        for t in prange(n):
+            g = grad[t]
+            for j in range(k):
+                if values[t, j] > 0:
+                    w = weight[indices[t, j]]
+                    s = zero[0]
+                    for c in range(d):
+                        s += g[c] * w[c]
+                    if has_extra:
+                        s += extra[t, j]
+                    out[t, j] = s
+                else:
+                    out[t, j] = zero[0]
+
+    @njit(nogil=True, cache=_CACHE, boundscheck=False)
+    def by_feature(indices, n_features, crow, order):
+        """Counting sort of the flat selection by feature: ``order[crow[f]:crow[f + 1]]`` are the
+        flat positions ``t * k + j`` with ``indices[t, j] == f``, in increasing order."""
+        flat = indices.reshape(-1)
+        crow[:] = 0
+        for p in range(flat.shape[0]):
+            crow[flat[p] + 1] += 1
+        for f in range(n_features):
+            crow[f + 1] += crow[f]
+        fill = crow[:-1].copy()
+        for p in range(flat.shape[0]):
+            f = flat[p]
+            order[fill[f]] = p
+            fill[f] += 1
+
+    @njit(parallel=True, nogil=True, cache=_CACHE, boundscheck=False, fastmath=fast)
+    def feature_grads(crow, order, k, values, grad_recon, grad_values, x_in, g_wd, g_we_t, g_be, flags):
+        """Per feature ``f`` (rows of the outputs, in parallel):
+        ``g_wd[f] = sum values[t, j] grad_recon[t]``, ``g_we_t[f] = sum grad_values[t, j] x_in[t]``,
+        ``g_be[f] = sum grad_values[t, j]`` over the selected ``(t, j)`` with ``indices[t, j] == f``.
+        ``flags``: (want g_wd, want g_we_t, want g_be)."""
+        n_features = crow.shape[0] - 1
+        want_wd = flags[0]
+        want_we = flags[1]
+        want_be = flags[2]
+        d_out = g_wd.shape[1]
+        d_in = g_we_t.shape[1]
+        for f in prange(n_features):
+            if want_wd:
+                a = g_wd[f]
+                for c in range(d_out):
+                    a[c] = 0.0
+            if want_we:
+                e = g_we_t[f]
+                for c in range(d_in):
+                    e[c] = 0.0
+            sb = 0.0
+            for q in range(crow[f], crow[f + 1]):
+                p = order[q]
+                t = p // k
+                j = p - t * k
+                if want_wd:
+                    v = values[t, j]
+                    gr = grad_recon[t]
+                    for c in range(d_out):
+                        a[c] += v * gr[c]
+                gv = grad_values[t, j]
+                sb += gv
+                if want_we:
+                    xr = x_in[t]
+                    for c in range(d_in):
+                        e[c] += gv * xr[c]
+            if want_be:
+                g_be[f] = sb
+
+    del numba
+    return {"select_blocks": select_blocks, "top_front": top_front, "decode": decode, "sampled_dot": sampled_dot,
+            "by_feature": by_feature, "feature_grads": feature_grads}
