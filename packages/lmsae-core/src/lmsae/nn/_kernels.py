@@ -81,6 +81,13 @@ def _build() -> dict[str, Any]:  # noqa: C901 - the kernels are defined together
     from numba.core import entrypoints
 
     entrypoints.init_all()  # numba's own extension lookup, done now rather than at the first compile
+    if "NUMBA_THREADING_LAYER" not in os.environ:
+        # numba's own thread pool rather than a second OpenMP runtime next to PyTorch's: two
+        # OpenMP teams spinning for the same cores made the Trainer step 1.7-2x slower on a 2-core
+        # CPU (benchmarks/training.py); kernel launches are serialised by _LOCK, as it requires.
+        # (An environment variable: numba re-reads its configuration from it when compiling.)
+        os.environ["NUMBA_THREADING_LAYER"] = "workqueue"
+        numba.config.reload_config()
 
     _CACHE = os.environ.get("LMSAE_NUMBA_CACHE", "1") != "0"  # noqa: N806
     fast = {"reassoc", "contract"}  # vectorised sums; no "nnan"/"ninf": NaN handling stays IEEE
