@@ -142,6 +142,9 @@ def test_every_feature_is_recorded_with_statistics(analysed):
         record = store.get_dictionary("my-sae", "default")
         assert record is not None and record.model_name == "tiny-random"
         assert record.config["architecture"] == "sae" and record.config["d_sae"] == N_FEATURES
+        # the model's config is recorded too: auto-interp rebuilds its tokenizer without a [model] table
+        lm = store.get_language_model("tiny-random")
+        assert lm is not None and lm.config["model"] == "tiny-random" and lm.config["backend"] == "transformer_lens"
         assert store.list_analyses("my-sae") == ["default"]
         stats = store.feature_statistics("my-sae", "default")
         assert len(stats["index"]) == N_FEATURES and list(stats["index"]) == list(range(N_FEATURES))

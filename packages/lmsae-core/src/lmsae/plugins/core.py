@@ -49,7 +49,7 @@ def lmsae_register_trainers():
     from lmsae.training.trainer import StandardTrainerConfig, Trainer
 
     return [TrainerSpec(config_class=StandardTrainerConfig, factory=Trainer,
-                        summary="Adam/SparseAdam trainer with schedules, AuxK, checkpoints and exact resume")]
+                        summary="sign-SGD schedule-free / Adam / SparseAdam trainer with schedules, AuxK, checkpoints and exact resume")]
 
 
 @hookimpl

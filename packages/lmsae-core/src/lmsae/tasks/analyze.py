@@ -103,6 +103,14 @@ def record_dictionary(store: Store, registry: Any, pretrained: PretrainedConfig,
     return record
 
 
+def record_language_model(store: Store, registry: Any, name: str, config: Any) -> None:
+    """Record the language model's config under ``name`` (the dictionary records' ``model_name``),
+    so later tasks (auto-interp needs its tokenizer) can rebuild it without a [model] table."""
+    from lmsae.stores.base import NamedConfigRecord
+
+    store.put_language_model(NamedConfigRecord(name=name, config=registry.unstructure(config)))
+
+
 # --- the task ------------------------------------------------------------------------------------
 
 
@@ -136,6 +144,8 @@ def run(cfg: AnalyzeRunConfig, context: RunContext) -> dict[str, Any]:
 
     with open_store(registry, cfg.store) as store:
         record_dictionary(store, registry, cfg.pretrained, name, cfg.series, lm.name if lm is not None else None)
+        if lm is not None and cfg.model is not None:
+            record_language_model(store, registry, lm.name, cfg.model)
         store.put_feature_analyses(name, cfg.series, cfg.analysis_name, analyses)
 
     alive = sum(1 for a in analyses if a.act_count > 0)

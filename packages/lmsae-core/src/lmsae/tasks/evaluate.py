@@ -332,6 +332,10 @@ def _record_in_store(cfg: EvaluateRunConfig, context: RunContext, name: str, sto
     try:
         store.put_dictionary(DictionaryRecord(name=name, series=cfg.series, path=str(cfg.pretrained.path.resolve()),
                                               config=stored_config, model_name=model_name, created_at=now))
+        if model_name is not None and cfg.model is not None:
+            from lmsae.tasks.analyze import record_language_model
+
+            record_language_model(store, context.registry, model_name, cfg.model)
         store.put_evaluation(name, cfg.series, EvaluationRecord(
             name=cfg.evaluation_name, metrics=dict(metrics),
             arrays={"density_histogram": np.asarray(hist.counts, dtype=np.int64),
