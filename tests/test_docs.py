@@ -1,17 +1,20 @@
 """The documentation cannot rot.
 
 - the generated configuration reference (docs/reference.md) is current and complete;
-- every fenced block in docs/**/*.md and README.md is checked (conventions in docs/index.md):
-  ```toml blocks are complete configs that `lmsae config check` accepts (a block right after
-  `<!-- docs-test: fragment -->` is only parsed as TOML); every `lmsae ...` line of a shell block
-  names an existing command and its options; ```python blocks compile; shell and python blocks
-  right after `<!-- docs-test: run -->` are executed from the repository root;
+- every fenced block in docs/**/*.md and README.md is checked (the conventions are in
+  docs/index.md, "These pages are tested"): ```toml blocks are complete configs that
+  `lmsae config check` accepts (a block right after `<!-- docs-test: fragment -->` is only parsed
+  as TOML); every `lmsae ...` line of a shell block names an existing command and its options;
+  ```python blocks compile; ```json blocks parse; shell and python blocks right after
+  `<!-- docs-test: run -->` are executed from the repository root;
 - relative links (and their #anchors) between pages resolve;
 - every hook, task, architecture and component of the shipped distributions, and every command,
   is documented, and every page is in mkdocs.yml's nav and in docs/index.md.
 
 Everything runs in this process except run blocks: the registry and the click command tree are
-built once per session. Test ids are `path:line` of the block or line they check.
+built once per session, and run blocks fork a warm interpreter for `lmsae` and python (see
+`serve_warm`; LMSAE_DOCS_COLD=1 starts the real programs instead). Test ids are `path:line` of the
+block or line they check.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import shlex
 import signal
 import subprocess
 import sys
+import time
 import tomllib
 import unicodedata
 from collections.abc import Iterator
@@ -252,6 +256,30 @@ def test_toml_block_is_a_valid_config(item, registry, tmp_path, monkeypatch):
                        + str(exc).replace(str(config_file), item.id))
     if problem:
         pytest.fail(problem, pytrace=False)
+
+
+JSON_BLOCKS = [b for b in BLOCKS if b.lang in ("json", "jsonl")]
+
+
+@_param(JSON_BLOCKS)
+def test_json_block_parses(item):
+    """A ```json block is one JSON document, or JSON lines (as in metrics.jsonl)."""
+    import json
+
+    try:
+        json.loads(item.text)
+        return
+    except json.JSONDecodeError as exc:
+        first = exc
+    problems = []
+    for n, line in enumerate(item.text.splitlines(), start=1):
+        try:
+            if line.strip():
+                json.loads(line)
+        except json.JSONDecodeError as exc:
+            problems.append(f"{item.path}:{item.file_line(n)}: {exc.msg}")
+    assert not problems, f"{item.id}: neither JSON ({first.msg} at block line {first.lineno}) nor JSON lines:\n" + \
+        "\n".join(problems)
 
 
 # --- `lmsae ...` lines in shell blocks ---------------------------------------------------------------
@@ -501,6 +529,7 @@ def run_block(block: Block, tmp_path: pathlib.Path, timeout_s: float = RUN_TIMEO
 # everything, then forks a child per `lmsae` command or python block. The child takes the caller's
 # arguments, working directory, environment and stdin/stdout/stderr (passed over a Unix socket),
 # runs `lmsae.cli.main` or the script, and sends back the exit code; it dies with its caller.
+# What the interpreter reads only at start-up (PYTHONPATH, -X options) is the warm one's.
 # LMSAE_DOCS_COLD=1 runs the real programs instead.
 
 WARM_CLIENT = """#!{python} -IS
@@ -1024,6 +1053,17 @@ def test_run_block_environment_and_failures(how, tmp_path, monkeypatch, request)
     slow = Block("docs/page.md", 17, "bash", "echo started\nsleep 60 | cat\n")
     problem = run_block(slow, tmp_path / "slow", timeout_s=0.5, warm=warm)
     assert "docs/page.md:17: run block still running after 0.5 s" in problem and "started" in problem
+    pid_file = tmp_path / "pid"
+    stuck = Block("docs/page.md", 19, "python", f"import os, time\nopen({str(pid_file)!r}, 'w').write(str(os.getpid()))\n"
+                  "time.sleep(60)\n")
+    assert "still running after 2 s" in run_block(stuck, tmp_path / "stuck", timeout_s=2, warm=warm)
+    proc = pathlib.Path(f"/proc/{pid_file.read_text()}")
+    for _ in range(50):  # the python process (a warm child) goes with the block
+        if not proc.exists() or "Z" in (proc / "stat").read_text().split()[2]:
+            break
+        time.sleep(0.1)
+    else:
+        pytest.fail(f"{proc} is still running after its block was killed")
 
 
 def test_mentions_count_code_not_prose(tmp_path):

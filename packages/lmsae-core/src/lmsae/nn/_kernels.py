@@ -134,76 +134,101 @@ def _build() -> dict[str, Any]:  # noqa: C901 - the kernels are defined together
             else:
                 break
 
-    @njit(parallel=True, nogil=True, cache=_CACHE, boundscheck=False)
-    def select_blocks(pre, block_max, k, out_v, out_i, bad, chunks):
-        """Exact top-k of each row of ``pre`` given the maxima of disjoint blocks of its entries.
+    @njit(nogil=True, cache=_CACHE, boundscheck=False, fastmath={"reassoc"})
+    def not_finite(a, zero):
+        """Whether ``a`` holds a NaN or an infinity (a vectorised sum of ``a * 0``)."""
+        s = zero
+        for c in range(a.shape[0]):
+            s += a[c] * zero
+        return s != s
 
-        ``block_max[r]`` holds the maxima of ``nb >= k`` disjoint blocks covering row ``r``
-        (e.g. the strided blocks of a vectorised ``amax``). The blocks are split into ``k``
-        groups; ``t``, the smallest group maximum, is a lower bound of the k-th largest value
-        (each group holds an entry ``>= t``). One sequential, branch-free pass keeps the entries
-        ``>= t`` (typically a few times ``k``); a few bisection rounds on them raise ``t`` while
-        ``k`` entries stay above it, and a quickselect puts the ``k`` largest first.
-        Rows whose block maxima hold a NaN are flagged in ``bad`` (the caller redoes them).
-        ``out_v`` gets ``max(value, 0)`` (the TopK SAE's ReLU), ``out_i`` the columns.
-        Rows are processed in ``chunks`` parallel chunks, each with its own scratch.
+    @njit(parallel=True, nogil=True, cache=_CACHE, boundscheck=False)
+    def select_rows(pre, b, k, out_v, out_i, bad, chunks):
+        """Exact top-k of each row of ``pre`` (``(n, f)``, ``f = b * nb``, ``nb >= k``).
+
+        Per row, in one pass over it (then from the L1 cache):
+
+        1. the maxima ``bm`` of the ``nb`` strided blocks ``{c, c + nb, ..., c + (b - 1) nb}``
+           (an elementwise, vectorised max of the row's ``b`` segments);
+        2. a lower bound ``t`` of the k-th largest value: the blocks are dealt into ``k`` groups
+           (``c mod k``) and ``t`` is the smallest group maximum (each group holds an entry
+           ``>= t``, so at least ``k`` entries are);
+        3. bisection rounds raise ``t`` while at least ``k`` block maxima stay ``>= t`` (again
+           ``k`` entries ``>= t``), until about ``1.5 k`` blocks pass;
+        4. only the passing blocks can hold a top-k entry: their entries ``>= t`` are collected
+           (branch-free) and a quickselect puts the ``k`` largest first.
+
+        Rows holding a NaN or an infinity are flagged in ``bad`` (the caller redoes them with
+        ``torch.topk``). ``out_v`` gets ``max(value, 0)`` (the TopK SAE's ReLU), ``out_i`` the
+        columns. Rows are processed in ``chunks`` parallel chunks, each with its own scratch.
         """
         n, f = pre.shape
-        nb = block_max.shape[1]
+        nb = f // b
+        ng = nb // k
         for ch in prange(chunks):
             r0 = ch * n // chunks
             r1 = (ch + 1) * n // chunks
             cv = np.empty(f, pre.dtype)
             ci = np.empty(f, np.int64)
+            bl = np.empty(nb, np.int64)
+            bm = np.empty(nb, pre.dtype)
+            gm = np.empty(k, pre.dtype)
+            consts = np.zeros(2, pre.dtype)
+            consts[1] = 0.5
+            zero = consts[0]
+            half = consts[1]
             for r in range(r0, r1):
-                bm = block_max[r]
                 row = pre[r]
-                t = bm[0]
-                nan = False
-                for gi in range(k):
-                    lo = gi * nb // k
-                    hi = (gi + 1) * nb // k
-                    m = bm[lo]
-                    nan |= m != m
-                    for c in range(lo + 1, hi):
-                        v = bm[c]
-                        nan |= v != v
-                        m = v if v > m else m
-                    t = m if (gi == 0 or m < t) else t
-                if nan:
+                for c in range(nb):
+                    bm[c] = row[c]
+                for i in range(1, b):
+                    base = i * nb
+                    for c in range(nb):
+                        v = row[base + c]
+                        m = bm[c]
+                        bm[c] = (v if v > m else m) + v * zero  # + v * 0: NaN/inf reach bm
+                if not_finite(bm, zero) or not_finite(row[:nb], zero):
                     bad[r] = True
                     continue
                 bad[r] = False
-                cnt = 0
-                for j in range(f):
-                    v = row[j]
-                    cv[cnt] = v
-                    ci[cnt] = j
-                    cnt += v >= t
-                if cnt > 2 * k:
-                    # narrow the candidates before the (branchy) quickselect: a few bisection
-                    # rounds of branch-free counts raise t while >= k entries stay above it
-                    hi_t = cv[0]
-                    for q in range(1, cnt):
-                        hi_t = cv[q] if cv[q] > hi_t else hi_t
-                    for _ in range(8):
-                        mid = t + (hi_t - t) * 0.5
-                        c2 = 0
-                        for q in range(cnt):
-                            c2 += cv[q] >= mid
-                        if c2 >= k:
-                            t = mid
-                            if c2 <= 2 * k:
-                                break
-                        else:
-                            hi_t = mid
+                for g in range(k):
+                    gm[g] = bm[g]
+                for j in range(1, ng):
+                    base = j * k
+                    for g in range(k):
+                        v = bm[base + g]
+                        m = gm[g]
+                        gm[g] = v if v > m else m
+                t = gm[0]
+                hi_t = gm[0]
+                for g in range(1, k):
+                    v = gm[g]
+                    t = v if v < t else t
+                    hi_t = v if v > hi_t else hi_t
+                for _ in range(16):
+                    mid = t + (hi_t - t) * half
                     c2 = 0
-                    for q in range(cnt):
-                        v = cv[q]
-                        cv[c2] = v
-                        ci[c2] = ci[q]
-                        c2 += v >= t
-                    cnt = c2
+                    for c in range(nb):
+                        c2 += bm[c] >= mid
+                    if c2 >= k:
+                        t = mid
+                        if 2 * c2 <= 3 * k:
+                            break
+                    else:
+                        hi_t = mid
+                nbl = 0
+                for c in range(nb):
+                    bl[nbl] = c
+                    nbl += bm[c] >= t
+                cnt = 0
+                for i in range(b):
+                    base = i * nb
+                    for q in range(nbl):
+                        j = base + bl[q]
+                        v = row[j]
+                        cv[cnt] = v
+                        ci[cnt] = j
+                        cnt += v >= t
                 if cnt > k:
                     top_front(cv, ci, cnt, k)
                 for q in range(k):
@@ -302,5 +327,5 @@ def _build() -> dict[str, Any]:  # noqa: C901 - the kernels are defined together
                 g_be[f] = sb
 
     del numba
-    return {"select_blocks": select_blocks, "top_front": top_front, "decode": decode, "sampled_dot": sampled_dot,
+    return {"select_rows": select_rows, "top_front": top_front, "decode": decode, "sampled_dot": sampled_dot,
             "by_feature": by_feature, "feature_grads": feature_grads}

@@ -254,7 +254,7 @@ def topk_select(pre: Tensor, k: int, *, buffers: Buffers | None = None,
             method = "two_stage_numpy" if (use_numpy and b and f >= 16 * k) else "topk"
     if method == "compiled":
         if use_numpy and k > 0 and n > 0 and _kernels.available():
-            return _select_compiled(pre, k, b or 1, buffers)
+            return _select_compiled(pre, k, b or 1)
         method = "two_stage_numpy" if (use_numpy and b) else "topk"
     if method != "topk" and not b:
         method = "topk"
@@ -280,21 +280,15 @@ def topk_select(pre: Tensor, k: int, *, buffers: Buffers | None = None,
     return values.relu_(), torch.gather(cand, 1, j)
 
 
-def _select_compiled(pre: Tensor, k: int, b: int, buffers: Buffers | None) -> tuple[Tensor, Tensor]:
+def _select_compiled(pre: Tensor, k: int, b: int) -> tuple[Tensor, Tensor]:
     n, f = pre.shape
-    nb = f // b
-    if b > 1:
-        block_max = _buffer(buffers, "block_max", (n, nb), pre)
-        torch.amax(pre.view(n, b, nb), dim=1, out=block_max)
-    else:
-        block_max = pre
     values = torch.empty(n, k, dtype=pre.dtype)
     indices = torch.empty(n, k, dtype=torch.int64)
     bad = torch.empty(n, dtype=torch.bool)
     threads = _threads()
-    _kernels.call("select_blocks", pre.numpy(), block_max.numpy(), k, values.numpy(), indices.numpy(),
-                  bad.numpy(), min(n, 8 * threads), threads=threads)
-    if bool(bad.any()):  # rows holding NaN: exactly what torch.topk (the plain TopK) picks
+    _kernels.call("select_rows", pre.numpy(), b, k, values.numpy(), indices.numpy(), bad.numpy(),
+                  min(n, 8 * threads), threads=threads)
+    if bool(bad.any()):  # rows holding NaN or inf: exactly what torch.topk (the plain TopK) picks
         rows = bad.nonzero().reshape(-1)
         v, i = torch.topk(pre[rows], k, dim=1, sorted=False)
         values[rows] = v.relu_()
