@@ -33,7 +33,12 @@ import os
 import sys
 from typing import Any
 
-import _common as C
+# as the lmsae CLI does (and `import lmsae` before torch): OpenMP threads wait passively, so
+# they do not stall every parallel region (and the compiled kernels' threads) while another
+# process holds a core. Set OMP_WAIT_POLICY=ACTIVE to measure the spinning default.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import _common as C  # noqa: E402
 import torch
 
 TOKENS = 4096

@@ -39,7 +39,12 @@ import os
 import sys
 from typing import Any
 
-import _common as C
+# as the lmsae CLI does (and `import lmsae` before torch): OpenMP threads wait passively, so
+# they do not stall every parallel region (and the compiled kernels' threads) while another
+# process holds a core. Set OMP_WAIT_POLICY=ACTIVE to measure the spinning default.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import _common as C  # noqa: E402
 import torch
 
 #: (act_fn, d_in, d_sae) of the full run; k = 32 for TopK / BatchTopK

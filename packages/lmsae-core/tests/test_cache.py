@@ -309,10 +309,32 @@ def test_incompatible_reopen_is_refused_unless_overwrite(tmp_path, change, field
     hooks = kwargs.pop("hooks")
     with pytest.raises(DataError, match=field) as info:
         ActivationWriter(tmp_path, hooks, kwargs["config"], description=kwargs["description"])
-    assert "overwrite" in str(info.value)
+    # the CLI user's key (top level of the generate config) and the Python argument
+    assert "set overwrite = true (a top-level key of the generate config" in str(info.value)
+    assert "overwrite=True in Python" in str(info.value)
     w = ActivationWriter(tmp_path, hooks, kwargs["config"], description=kwargs["description"], overwrite=True)
     assert w.resume_position() == 0 and not (tmp_path / MANIFEST).exists()
     w.close()
+
+
+@pytest.mark.parametrize(("damaged", "text"), [
+    ("shard-0000/manifest.json", "{not json"),  # this writer's shard
+    ("shard-0001/manifest.json", "{not json"),  # another shard
+    ("shard-0001/manifest.json", '{"format": "something else"}'),
+    ("manifest.json", '{"format": "something else"}'),
+])
+def test_refused_existing_data_names_the_overwrite_key(tmp_path, damaged, text):
+    """The refusal tells a CLI user which config key discards the data (and a Python caller which
+    argument); with it, the writer discards the damaged data and closes cleanly."""
+    write_cache(tmp_path, make_sequences(5))
+    (tmp_path / damaged).parent.mkdir(exist_ok=True)
+    (tmp_path / damaged).write_text(text)
+    with pytest.raises(DataError) as info:
+        ActivationWriter(tmp_path, (A, B), description=DESCRIPTION)
+    message = str(info.value)
+    assert "set overwrite = true (a top-level key of the generate config: --set overwrite=true; " \
+           "overwrite=True in Python) to discard" in message, message
+    ActivationWriter(tmp_path, (A, B), description=DESCRIPTION, overwrite=True).close()
 
 
 def test_context_size_and_width_conflicts_are_caught_on_first_write(tmp_path):

@@ -39,6 +39,7 @@ class DemoRun(RunConfig):
     hooks: list[str] = option(factory=list, doc="Hooks.")
     weights: dict[str, float] = option(factory=dict, doc="Weights.")
     maybe: int | None = option(None, doc="Optional.")
+    pair: tuple[float, float] = option((0.9, 0.99), doc="A pair.")
 
 
 @hookimpl
@@ -105,10 +106,25 @@ def test_unknown_task_and_missing_task(registry):
     ("inner", {"rate": -1}, "$.inner.rate: must be > 0, got -1.0"),
     ("warmup", 2.5, "$.warmup: must be an int >= 0 (steps) or a float in [0, 1]"),
     ("inner", 3, "$.inner: expected a table"),
+    # containers of the wrong shape: a typed message, no raw AttributeError, no string taken as
+    # the array of its characters nor a table as the array of its keys
+    ("inner", "", "$.inner: expected a table, got str ''"),
+    ("inner", [1], "$.inner: expected a table, got an array"),
+    ("weights", "", "$.weights: expected a table, got str ''"),
+    ("weights", ["a"], "$.weights: expected a table, got an array"),
+    ("hooks", "abc", "$.hooks: expected an array, got str 'abc'"),
+    ("hooks", {"a": 1}, "$.hooks: expected an array, got a table"),
+    ("pair", 0.5, "$.pair: expected an array, got float 0.5"),
+    ("pair", [0.5], "$.pair: expected an array of 2 values (a number, a number), got 1: [0.5]"),
 ])
 def test_wrong_types_name_path_and_expected_type(registry, key, value, expected):
     out = problems(registry, {**good(), key: value})
     assert any(p.startswith(expected) for p in out), out
+
+
+def test_empty_override_of_a_table_names_the_key_and_the_expected_type(registry):
+    # `lmsae config check FILE --set inner=`: the value is the empty string
+    assert problems(registry, apply_overrides(good(), ["inner="])) == ["$.inner: expected a table, got str ''"]
 
 
 def test_every_problem_is_reported_at_once(registry):
@@ -171,3 +187,34 @@ def test_overrides():
     assert any(m.startswith("$.trainer.lr: --set 'trainer.lr.x=1': is a float, not a table") for m in msgs)
     assert any("index 5 out of range" in m for m in msgs)
     assert any("expected KEY.PATH=VALUE" in m for m in msgs)
+
+
+# --- the generated reference -----------------------------------------------------------------
+
+
+def _reference_sections(registry) -> dict[str, str]:
+    """The reference's sections by heading (``task `demo```, ``SweepItemConfig`` ...)."""
+    from lmsae.config.reference import render_reference
+
+    return {chunk.split("\n", 1)[0]: chunk for chunk in render_reference(registry).split("\n### ")[1:]}
+
+
+def test_reference_documents_fields_called_name(registry):
+    sections = _reference_sections(registry)
+    # a sweep item's name and a Hub dataset's configuration name are keys users write
+    assert "| `name` | `str` | **required** | Name of the item:" in sections["SweepItemConfig"]
+    assert "| `name` | `str \\| None` | unset | Configuration (subset) of a Hub dataset" in sections["DatasetConfig"]
+    # a component's tag is not a key row: it is in the component's heading line
+    assert '(`task = "demo"`, from ' in sections["task `demo`"]
+    assert '(`architecture = "toy"`, from ' in sections["architecture `toy`"]
+    assert "| `name` |" not in sections["task `demo`"] + sections["architecture `toy`"]
+
+
+def test_reference_default_of_a_nested_table_names_it(registry):
+    sections = _reference_sections(registry)
+    assert "`` defaults" not in "".join(sections.values())
+    assert "| `inner` | `Inner` | `[inner]` defaults |" in sections["task `demo`"]
+    assert "| `explainer` | `ExplainerConfig` | `[explainer]` defaults |" in sections["task `autointerp`"]
+    # a component's default also names the tag that chooses it
+    assert '| `writer` | `WriterConfig` | `[writer]` defaults (`format = "safetensors"`) |' in sections["task `generate`"]
+    assert "| `loggers` | `list[LoggerConfig]` | [`console`, `jsonl`] |" in sections["task `train`"]

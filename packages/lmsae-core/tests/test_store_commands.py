@@ -173,9 +173,9 @@ def test_mongo_options_use_the_mongo_store(cli, monkeypatch):
     real = mongo_module.MongoStore
     opened: list[MongoStoreConfig] = []
 
-    def fake(config):
+    def fake(config, **kwargs):
         opened.append(config)
-        return real(config, client=client)
+        return real(config, client=client, **kwargs)
 
     with real(MongoStoreConfig(database="team"), client=client) as store:
         _fill(store)
@@ -196,3 +196,18 @@ def test_mongo_options_use_the_mongo_store(cli, monkeypatch):
     result = invoke(cli, "store", "list", "--mongo-uri", "mongodb://team-server:27017/")
     assert opened[-1].database == "lmsae"
     assert "no dictionaries" in result.output
+
+
+def test_mongo_uri_option_wins_over_the_environment(monkeypatch):
+    """--mongo-uri equal to the default URI still names the server: $MONGO_URI only fills in an
+    absent URI."""
+    mongomock = pytest.importorskip("mongomock")
+    import lmsae.stores.mongo as mongo_module
+
+    real = mongo_module.MongoStore
+    monkeypatch.setattr(mongo_module, "MongoStore",
+                        lambda config, **kwargs: real(config, client=mongomock.MongoClient(), **kwargs))
+    monkeypatch.setenv("MONGO_URI", "mongodb://team-server:27017/")
+    with store_from_options(None, "mongodb://localhost:27017/", None) as store:
+        assert store.uri == "mongodb://localhost:27017/"
+        assert describe_store(store) == "MongoDB mongodb://localhost:27017/, database 'lmsae'"

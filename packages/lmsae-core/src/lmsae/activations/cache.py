@@ -135,6 +135,10 @@ MANIFEST = "manifest.json"
 META_DIR = "meta"
 _LOCK_FILE = ".manifest.lock"
 _LAYOUT = "sequences"
+#: How a user discards existing data, in error messages: the writer is opened by the generate
+#: task, whose config has the top-level key ``overwrite``; Python callers pass the argument.
+_OVERWRITE = ("set overwrite = true (a top-level key of the generate config: --set overwrite=true; "
+              "overwrite=True in Python)")
 
 Verify = Literal["none", "size", "sha256"]
 StorageDType = Literal["float32", "float16", "bfloat16"]
@@ -461,7 +465,7 @@ class ActivationWriter:
         top = _read_json_or_conflict(self.directory / MANIFEST, "cache manifest", overwrite)
         if top is not None and not overwrite and (not isinstance(top, dict) or top.get("format") != CACHE_FORMAT):
             raise DataError(f"{self.directory} holds a manifest.json that is not an lmsae activation cache; use "
-                            "another directory or overwrite=True")
+                            f"another directory or {_OVERWRITE} to discard it")
 
         # Header as far as known now; d and context_size come with the first batch (or the
         # shard being resumed).
@@ -545,11 +549,12 @@ class ActivationWriter:
         field, theirs, mine = conflict
         raise DataError(
             f"activation cache {self.directory}: {field} of this run ({mine!r}) differs from the existing "
-            f"data in {path} ({theirs!r}); write to another directory or pass overwrite=True to discard it")
+            f"data in {path} ({theirs!r}); write to another directory or {_OVERWRITE} to discard it")
 
     def _check_shard_manifest(self, own: Any, path: Path) -> None:
         if not isinstance(own, dict) or own.get("format") != SHARD_FORMAT or not isinstance(own.get("chunks"), list):
-            raise DataError(f"{path} is not an lmsae shard manifest; remove {self.shard_dir} or pass overwrite=True")
+            raise DataError(f"{path} is not an lmsae shard manifest; remove {self.shard_dir} or {_OVERWRITE} to "
+                            "discard it")
         if not isinstance(own.get("version"), int) or own["version"] > CACHE_VERSION:
             raise DataError(f"{path} has unsupported version {own.get('version')!r} (this lmsae writes "
                             f"{CACHE_VERSION})")
@@ -559,8 +564,8 @@ class ActivationWriter:
         for position, record in enumerate(own["chunks"]):
             problem = _record_problem(record, position, self.hook_points)
             if problem:
-                raise DataError(f"{path} is malformed: chunk {position}: {problem}; remove {self.shard_dir} or pass "
-                                "overwrite=True")
+                raise DataError(f"{path} is malformed: chunk {position}: {problem}; remove {self.shard_dir} or "
+                                f"{_OVERWRITE} to discard it")
 
     def _other_shard_manifests(self, overwrite: bool) -> list[tuple[Path, dict[str, Any]]]:
         found = []
@@ -571,8 +576,13 @@ class ActivationWriter:
             manifest = _read_json_or_conflict(path, "shard manifest", overwrite)
             if isinstance(manifest, dict) and manifest.get("format") == SHARD_FORMAT:
                 found.append((path, manifest))
-            elif manifest is not None and not overwrite:
-                raise DataError(f"{path} is not an lmsae shard manifest; remove it or pass overwrite=True")
+            elif overwrite and path.exists():
+                # unreadable (None above) or foreign: rebuilding the top-level manifest would fail on it
+                log.warning("overwrite: removing shard %s (its manifest is not a readable lmsae shard manifest)",
+                            shard_dir)
+                shutil.rmtree(shard_dir)
+            elif manifest is not None:
+                raise DataError(f"{path} is not an lmsae shard manifest; remove it or {_OVERWRITE} to discard it")
         return found
 
     def _adopt_header(self, manifest: Mapping[str, Any]) -> None:
@@ -899,10 +909,10 @@ def _read_json_or_conflict(path: Path, what: str, overwrite: bool) -> Any:
     """:func:`_read_json`, except that with ``overwrite`` an unreadable file counts as absent."""
     try:
         return _read_json(path, what)
-    except DataError:
+    except DataError as exc:
         if overwrite:
             return None
-        raise
+        raise DataError(f"{exc}; {_OVERWRITE} to discard the existing data") from exc
 
 
 def _shard_dirs(directory: Path) -> list[tuple[int, Path]]:

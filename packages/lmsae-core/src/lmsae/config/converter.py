@@ -6,6 +6,8 @@ Rules, all enforced here so that no config class has to repeat them:
 - scalars are strict: ``1.5`` is not an int, ``"3"`` is not an int, ``1`` is not a bool; an int
   is accepted where a float is expected, and so is a numeric string (YAML reads ``1e-3`` as a
   string);
+- tables and arrays are strict too: a string is neither a table nor an array of its characters,
+  a table is not an array of its keys, and ``[a, b]`` fills a ``tuple[X, Y]`` only with two values;
 - fields typed with a kind's base config (``DictionaryConfig``, ``SourceConfig``, ...) are tagged
   unions over the installed plugins: the tag key (``architecture``, ``type``, ...) picks the
   class; an unknown tag lists the installed names and the closest one;
@@ -14,6 +16,7 @@ Rules, all enforced here so that no config class has to repeat them:
 
 from __future__ import annotations
 
+import collections.abc
 import enum
 import pathlib
 import types
@@ -30,6 +33,7 @@ from cattrs.errors import (
     IterableValidationError,
     IterableValidationNote,
 )
+from cattrs.cols import list_structure_factory
 
 from lmsae._text import did_you_mean, join_names
 from lmsae.config.fields import FieldValueError
@@ -127,6 +131,50 @@ def _structure_literal(value: Any, tp: Any) -> Any:
     raise ValueError(f"expected one of {', '.join(repr(c) for c in choices)}, got {value!r}{hint}")
 
 
+_TABLE_ORIGINS = (dict, Mapping, collections.abc.MutableMapping)
+_ARRAY_ORIGINS = (list, collections.abc.MutableSequence)
+
+
+def _is_checked_container(tp: Any) -> bool:
+    """Config tables (attrs classes), dicts, lists and fixed-length tuples: the containers whose
+    cattrs hooks would otherwise iterate a string as an array, take a table's keys as an array,
+    or fail on a wrong-typed value with a raw ``AttributeError``."""
+    if isinstance(tp, type) and attrs.has(tp):
+        return tp not in KIND_BY_BASE  # tagged unions check their value themselves
+    origin = typing.get_origin(tp) or tp
+    if origin is tuple:  # only tuple[X, Y]; tuple[X, ...] and a bare tuple keep cattrs' hook
+        args = typing.get_args(tp)
+        return bool(args) and args[-1] is not Ellipsis
+    return origin in _TABLE_ORIGINS or origin in _ARRAY_ORIGINS
+
+
+def _checked_container_hook(tp: Any, conv: cattrs.Converter) -> Any:
+    """cattrs' own hook for ``tp``, behind a check that the value is a table or an array."""
+    origin = typing.get_origin(tp) or tp
+    length = None  # the number of values of a fixed-length tuple
+    if isinstance(tp, type) and attrs.has(tp):
+        inner, table = conv.gen_structure_attrs_fromdict(tp), True
+    elif origin in _TABLE_ORIGINS:
+        inner, table = conv.gen_structure_mapping(tp), True
+    elif origin is tuple:
+        inner, table = conv.gen_structure_hetero_tuple(tp), False
+        length = len(typing.get_args(tp))
+    else:
+        inner, table = list_structure_factory(tp, conv), False
+
+    def hook(value: Any, t: Any) -> Any:
+        if table and not isinstance(value, Mapping):
+            raise TypeError(f"expected a table, got {_describe(value)}")
+        if not table and not isinstance(value, (list, tuple)):
+            raise TypeError(f"expected an array, got {_describe(value)}")
+        if length is not None and len(value) != length:
+            raise TypeError(f"expected an array of {length} values "
+                            f"({', '.join(_type_name(a) for a in typing.get_args(tp))}), got {len(value)}: {value!r}")
+        return inner(value, t)
+
+    return hook
+
+
 def make_converter(registry: Registry) -> cattrs.Converter:
     """A converter that knows the installed plugins (tags resolve through ``registry``)."""
     conv = cattrs.Converter(forbid_extra_keys=True, detailed_validation=True)
@@ -138,6 +186,7 @@ def make_converter(registry: Registry) -> cattrs.Converter:
     conv.register_unstructure_hook(pathlib.Path, str)
     conv.register_structure_hook_func(lambda t: typing.get_origin(t) is Literal, _structure_literal)
     conv.register_structure_hook_func(_is_enum, _structure_enum)
+    conv.register_structure_hook_factory(_is_checked_container, lambda t: _checked_container_hook(t, conv))
     conv.register_unstructure_hook_func(_is_enum, lambda v: v.value)
 
     def is_union(t: Any) -> bool:

@@ -7,6 +7,10 @@ section per kind, one table per component (key, type, default, description), plu
 tables that several configs nest (``[activations]``, ``[initializer]``, ``[distributed]`` ...),
 documented once and linked. The output depends only on the installed components (sorted by
 name), so a committed copy can be checked for staleness by a test.
+
+A component's tag (the ``name`` class variable, e.g. ``architecture = "sae"``) is not a field: it
+is shown in the component's heading line. A real field called ``name`` (a sweep item's name, a Hub
+dataset's configuration name) is a key like any other and has its row.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from typing import Any
 import attrs
 
 from lmsae.config.fields import field_doc
+from lmsae.records import KIND_BY_BASE, KINDS
 
 __all__ = ["render_reference"]
 
@@ -70,6 +75,15 @@ def _type_text(cls: type, field: attrs.Attribute) -> str:
     return _format_type(hint)
 
 
+def _tag(cls: type) -> tuple[str, str] | None:
+    """(tag key, tag) of a component config class (``("format", "safetensors")``): what a user
+    writes to choose it. None for a plain table, and for a base class (whose ``name`` is empty)."""
+    kind = next((KIND_BY_BASE[k] for k in cls.__mro__ if k in KIND_BY_BASE), None)
+    # a class with a real `name` field has a slot descriptor there, not the tag
+    name = getattr(cls, "name", None)
+    return (kind.tag, name) if kind is not None and isinstance(name, str) and name else None
+
+
 def _default_text(field: attrs.Attribute) -> str:
     default = field.default
     if default is attrs.NOTHING:
@@ -81,14 +95,14 @@ def _default_text(field: attrs.Attribute) -> str:
             value = default.factory()
         except Exception:  # noqa: BLE001 - a factory that needs context
             return "(computed)"
-        return _value_text(value)
-    return _value_text(default)
+        return _value_text(field.name, value)
+    return _value_text(field.name, default)
 
 
-def _value_text(value: Any) -> str:
-    if attrs.has(type(value)):
-        name = getattr(type(value), "name", None)
-        return f"`{name}` defaults" if isinstance(name, str) else "defaults"
+def _value_text(key: str, value: Any) -> str:
+    if attrs.has(type(value)):  # a nested table whose keys all take their defaults
+        tag = _tag(type(value))
+        return f"`[{key}]` defaults" + (f' (`{tag[0]} = "{tag[1]}"`)' if tag else "")
     if isinstance(value, enum.Enum):
         value = value.value
     if isinstance(value, str):
@@ -102,7 +116,7 @@ def _value_text(value: Any) -> str:
     if isinstance(value, dict) and not value:
         return "`{}`"
     if isinstance(value, (list, tuple)) and all(attrs.has(type(v)) for v in value):
-        names = [getattr(type(v), "name", type(v).__name__) for v in value]
+        names = [(_tag(type(v)) or (None, type(v).__name__))[1] for v in value]
         return "[" + ", ".join(f"`{n}`" for n in names) + "]"
     text = repr(list(value) if isinstance(value, tuple) else value)
     return f"`{text}`"
@@ -118,11 +132,10 @@ def _nested(cls: type, field: attrs.Attribute, known: dict[str, type]) -> list[s
     return [name for name in known if re.search(rf"\b{name}\b", text)]
 
 
-def _table(cls: type, known: dict[str, type], skip: Iterable[str] = ()) -> list[str]:
-    skip = set(skip)
+def _table(cls: type, known: dict[str, type]) -> list[str]:
     rows = ["| key | type | default | description |", "|---|---|---|---|"]
     for field in attrs.fields(cls):
-        if field.name in skip or field.name.startswith("_"):
+        if field.name.startswith("_"):
             continue
         links = [f"[{n}](#{_anchor(n)})" for n in _nested(cls, field, known)]
         doc = field_doc(field) + (f" See {', '.join(links)}." if links else "")
@@ -199,11 +212,9 @@ def render_reference(registry: Any) -> str:
             summary = getattr(spec, "summary", "") or (cls.__doc__ or "").strip().split("\n\n")[0]
             lines += [f"### {kind.replace('_', ' ')} `{entry.name}`", "",
                       f"{_cell(summary)} (`{tag} = \"{entry.name}\"`, from `{entry.distribution}`)", ""]
-            lines += _table(cls, known, skip=("name",))
+            lines += _table(cls, known)
             lines.append("")
     lines += ["## Shared tables", "", "Config tables that several components nest.", ""]
-    from lmsae.records import KINDS
-
     bases = {k.base: (kind, title) for kind, title, _ in _KIND_TITLES for k in [KINDS[kind]]}
     for name, cls in shared.items():
         doc = " ".join((cls.__doc__ or "").strip().split("\n\n")[0].split())
@@ -213,6 +224,6 @@ def render_reference(registry: Any) -> str:
             lines += [f"A {kind.replace('_', ' ')} table: its tag key chooses one of the "
                       f"[{title.split(' (')[0].lower()}](#{_anchor(title)}), whose own keys are listed there. "
                       "Keys common to all of them:", ""]
-        lines += _table(cls, known, skip=("name",))
+        lines += _table(cls, known)
         lines.append("")
     return "\n".join(lines).rstrip() + "\n"

@@ -52,7 +52,10 @@ class DatasetConfig(Config):
             "(.txt/.md/.rst/.jsonl/.json/.csv/.parquet); a directory of such files or one written by "
             "Dataset.save_to_disk; or a Hugging Face Hub dataset name (must be cached when offline).",
         validator=non_empty())
-    name: str | None = option(None, doc="Configuration name of a Hub dataset (its second argument).")
+    name: str | None = option(
+        None, doc="Configuration (subset) of a Hub dataset, the second argument of datasets.load_dataset: "
+                  "'wikitext-103-raw-v1' for path 'wikitext'. Unset: the dataset's default configuration. "
+                  "Not used for builtin corpora, local files or saved datasets.")
     split: str = option(
         "train", doc="Split to read (slices such as 'train[:1000]' work for files and Hub datasets). Local "
                      "files form a single 'train' split.",

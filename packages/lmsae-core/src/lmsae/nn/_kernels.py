@@ -271,60 +271,65 @@ def _build() -> dict[str, Any]:  # noqa: C901 - the kernels are defined together
                     out[t, j] = zero[0]
 
     @njit(nogil=True, cache=_CACHE, boundscheck=False)
-    def by_feature(indices, n_features, crow, order):
-        """Counting sort of the flat selection by feature: ``order[crow[f]:crow[f + 1]]`` are the
-        flat positions ``t * k + j`` with ``indices[t, j] == f``, in increasing order."""
+    def by_feature(indices, n_features, block, crow, order):
+        """Counting sort of the flat selection by (token block, feature): with ``key = (t // block)
+        * n_features + f``, ``order[crow[key]:crow[key + 1]]`` are the flat positions ``t * k + j``
+        with ``indices[t, j] == f`` and ``t`` in that block of ``block`` tokens, increasing."""
+        n, k = indices.shape
         flat = indices.reshape(-1)
         crow[:] = 0
         for p in range(flat.shape[0]):
-            crow[flat[p] + 1] += 1
-        for f in range(n_features):
-            crow[f + 1] += crow[f]
+            crow[(p // k) // block * n_features + flat[p] + 1] += 1
+        for key in range(crow.shape[0] - 1):
+            crow[key + 1] += crow[key]
         fill = crow[:-1].copy()
         for p in range(flat.shape[0]):
-            f = flat[p]
-            order[fill[f]] = p
-            fill[f] += 1
+            key = (p // k) // block * n_features + flat[p]
+            order[fill[key]] = p
+            fill[key] += 1
 
     @njit(parallel=True, nogil=True, cache=_CACHE, boundscheck=False, fastmath=fast)
-    def feature_grads(crow, order, k, values, grad_recon, grad_values, x_in, g_wd, g_we_t, g_be, flags):
+    def feature_grads(crow, order, k, values, grad_recon, grad_values, x_in, g_wd, g_we_t, g_be):
         """Per feature ``f`` (rows of the outputs, in parallel):
         ``g_wd[f] = sum values[t, j] grad_recon[t]``, ``g_we_t[f] = sum grad_values[t, j] x_in[t]``,
-        ``g_be[f] = sum grad_values[t, j]`` over the selected ``(t, j)`` with ``indices[t, j] == f``.
-        ``flags``: (want g_wd, want g_we_t, want g_be)."""
-        n_features = crow.shape[0] - 1
-        want_wd = flags[0]
-        want_we = flags[1]
-        want_be = flags[2]
+        ``g_be[f] = sum grad_values[t, j]`` over the selected ``(t, j)`` with ``indices[t, j] == f``,
+        one block of tokens at a time (``crow``/``order`` from :func:`by_feature`): a block's rows
+        of ``grad_recon`` and ``x_in`` stay in cache while every feature reads them, instead of
+        gathering each token's rows from memory once per selected feature. An output that is not
+        wanted is passed with 0 columns (and its operand too)."""
+        n_features = g_be.shape[0]
+        n_blocks = (crow.shape[0] - 1) // n_features
         d_out = g_wd.shape[1]
         d_in = g_we_t.shape[1]
-        for f in prange(n_features):
-            if want_wd:
+        for blk in range(n_blocks):
+            first = blk == 0
+            for f in prange(n_features):
+                key = blk * n_features + f
                 a = g_wd[f]
-                for c in range(d_out):
-                    a[c] = 0.0
-            if want_we:
                 e = g_we_t[f]
-                for c in range(d_in):
-                    e[c] = 0.0
-            sb = 0.0
-            for q in range(crow[f], crow[f + 1]):
-                p = order[q]
-                t = p // k
-                j = p - t * k
-                if want_wd:
+                if first:
+                    for c in range(d_out):
+                        a[c] = 0.0
+                    for c in range(d_in):
+                        e[c] = 0.0
+                sb = 0.0
+                for q in range(crow[key], crow[key + 1]):
+                    p = order[q]
+                    t = p // k
+                    j = p - t * k
                     v = values[t, j]
                     gr = grad_recon[t]
                     for c in range(d_out):
                         a[c] += v * gr[c]
-                gv = grad_values[t, j]
-                sb += gv
-                if want_we:
+                    gv = grad_values[t, j]
+                    sb += gv
                     xr = x_in[t]
                     for c in range(d_in):
                         e[c] += gv * xr[c]
-            if want_be:
-                g_be[f] = sb
+                if first:
+                    g_be[f] = sb
+                else:
+                    g_be[f] += sb
 
     del numba
     return {"select_rows": select_rows, "top_front": top_front, "decode": decode, "sampled_dot": sampled_dot,

@@ -371,7 +371,8 @@ def _backward_torch(grad_recon, grad_values, x_in, W_D, indices, values, n_featu
 
 def _backward_compiled(grad_recon, grad_values, x_in, W_D, indices, values, n_features, need, need_enc):
     """The same with the compiled kernels: one pass per token for the sampled products, one pass
-    per feature (a counting sort gives each feature its tokens) for all three weight gradients."""
+    per feature and block of tokens (a counting sort gives each its entries) for all three weight
+    gradients."""
     n, k = indices.shape
     dtype = values.dtype
     threads = _threads()
@@ -389,18 +390,26 @@ def _backward_compiled(grad_recon, grad_values, x_in, W_D, indices, values, n_fe
             gv.zero_()
     want = np.array([grad_recon is not None and need[3], need_enc and need[1], need_enc and (need[2] or need[5])])
     if want.any():
-        crow = np.empty(n_features + 1, dtype=np.int64)
+        # token blocks whose rows of grad_recon and x_in (the gathered operands) fit in about
+        # 1 MiB, i.e. stay in a core's cache while every feature reads them
+        row_bytes = (grad_recon.shape[1] if want[0] else 0) + (x_in.shape[1] if want[1] else 0)
+        block = max(64, (1 << 20) // max(1, row_bytes * values.element_size()))
+        n_blocks = -(-n // block)
+        crow = np.empty(n_blocks * n_features + 1, dtype=np.int64)
         order = np.empty(n * k, dtype=np.int64)
-        _kernels.call("by_feature", idx, n_features, crow, order)
-        empty = np.empty((0, 0), dtype=vals.dtype)
-        g_wd = torch.empty(n_features, W_D.shape[1], dtype=dtype) if want[0] else None
-        g_we_t = torch.empty(n_features, x_in.shape[1], dtype=dtype) if want[1] else None
-        g_be = torch.empty(n_features, dtype=dtype) if want[2] else None
+        _kernels.call("by_feature", idx, n_features, block, crow, order)
+        dt = vals.dtype
+        g_wd = torch.empty(n_features, W_D.shape[1] if want[0] else 0, dtype=dtype)
+        g_we_t = torch.empty(n_features, x_in.shape[1] if want[1] else 0, dtype=dtype)
+        g_be = torch.empty(n_features, dtype=dtype)
         _kernels.call("feature_grads", crow, order, k, vals,
-                      _np(grad_recon) if want[0] else empty, _np(gv) if gv is not None else empty,
-                      _np(x_in) if want[1] else empty,
-                      g_wd.numpy() if want[0] else empty, g_we_t.numpy() if want[1] else empty,
-                      g_be.numpy() if want[2] else np.empty(0, dtype=vals.dtype), want, threads=threads)
+                      _np(grad_recon) if want[0] else np.empty((n, 0), dtype=dt),
+                      _np(gv) if gv is not None else np.zeros((n, k), dtype=dt),
+                      _np(x_in) if want[1] else np.empty((n, 0), dtype=dt),
+                      g_wd.numpy(), g_we_t.numpy(), g_be.numpy(), threads=threads)
+        g_wd = g_wd if want[0] else None
+        g_we_t = g_we_t if want[1] else None
+        g_be = g_be if want[2] else None
         g_W_D = g_wd
         g_W_E = g_we_t.t() if g_we_t is not None else None
         g_b_E = g_be

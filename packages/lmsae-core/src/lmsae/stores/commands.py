@@ -51,8 +51,9 @@ def store_from_options(store_dir: str | pathlib.Path | None, mongo_uri: str | No
                        create: bool = False) -> Store:
     """Open the store that the command-line options name, without the plugin registry.
 
-    - ``mongo_uri`` given: a :class:`~lmsae.stores.mongo.MongoStore` on that server and
-      ``mongo_db`` (default ``lmsae``), with the default connection timeout;
+    - ``mongo_uri`` given: a :class:`~lmsae.stores.mongo.MongoStore` on that server (never
+      replaced by ``$MONGO_URI``, even when it is the default URI) and ``mongo_db`` (default
+      ``lmsae``), with the default connection timeout;
     - else a :class:`~lmsae.stores.local.LocalStore` in ``store_dir`` (default: the default
       store directory).
 
@@ -72,7 +73,7 @@ def store_from_options(store_dir: str | pathlib.Path | None, mongo_uri: str | No
         from lmsae.stores.mongo import MongoStore
 
         kwargs = {"database": mongo_db} if mongo_db is not None else {}
-        return MongoStore(MongoStoreConfig(uri=mongo_uri, **kwargs))
+        return MongoStore(MongoStoreConfig(uri=mongo_uri, **kwargs), uri=mongo_uri)
     if mongo_db is not None:
         raise StoreError("--mongo-db needs --mongo-uri")
     from lmsae.stores.local import DATABASE_NAME, LocalStore

@@ -43,8 +43,8 @@ class MongoStoreConfig(StoreConfig):
 
     name: ClassVar[str] = "mongo"
 
-    uri: str = option("mongodb://localhost:27017/", doc="MongoDB connection string (env MONGO_URI overrides the "
-                                                        "default).")
+    uri: str | None = option(None, doc="MongoDB connection string; unset: $MONGO_URI, else "
+                                       "mongodb://localhost:27017/ (a URI written here always wins).")
     database: str = option("lmsae", doc="Database name.")
     timeout_ms: int = option(3000, doc="Give up connecting after this many milliseconds (never hang).",
                              validator=positive())

@@ -37,7 +37,6 @@ import time
 from collections.abc import Iterable, Iterator
 from typing import Any
 
-import attrs
 import numpy as np
 
 from lmsae.errors import StoreError
@@ -65,10 +64,13 @@ from lmsae.stores.base import (
 )
 from lmsae.stores.configs import MongoStoreConfig
 
-__all__ = ["MONGO_URI_ENV", "MongoStore", "redact_uri", "resolve_uri"]
+__all__ = ["DEFAULT_URI", "MONGO_URI_ENV", "MongoStore", "redact_uri", "resolve_uri"]
 
-#: environment variable that replaces the default URI (not one set explicitly in a config)
+#: environment variable that replaces the config's default URI (never a URI given with ``uri=``,
+#: i.e. ``--mongo-uri``, nor a config URI other than the default)
 MONGO_URI_ENV = "MONGO_URI"
+#: the server used when neither the command line, the config nor $MONGO_URI names one
+DEFAULT_URI = "mongodb://localhost:27017/"
 #: features written per bulk write by put_feature_analyses
 FEATURE_BATCH = 512
 _GRIDFS_BUCKET = "feature_analyses_blobs"
@@ -80,11 +82,15 @@ def redact_uri(uri: str) -> str:
     return re.sub(r"(//[^/@:]*:)[^/@]*@", r"\1***@", uri)
 
 
-def resolve_uri(config: MongoStoreConfig) -> str:
-    """The URI to connect to: ``$MONGO_URI`` when the config keeps the default URI, else the config's."""
-    default = attrs.fields(MongoStoreConfig).uri.default
-    env = os.environ.get(MONGO_URI_ENV)
-    return env if env and config.uri == default else config.uri
+def resolve_uri(config: MongoStoreConfig, uri: str | None = None) -> str:
+    """The URI to connect to: ``uri`` when given (an explicit choice such as ``--mongo-uri`` always
+    wins); else the config's ``uri`` when set (written out, even if it is the default URI); else
+    ``$MONGO_URI`` when set; else :data:`DEFAULT_URI`."""
+    if uri is not None:
+        return uri
+    if config.uri is not None:
+        return config.uri
+    return os.environ.get(MONGO_URI_ENV) or DEFAULT_URI
 
 
 def _binary(blob: bytes | None) -> Any:
@@ -100,6 +106,8 @@ class MongoStore(Store):
         config: server URI, database name and connection timeout.
         client: an already-open client (tests pass ``mongomock.MongoClient()``); it is pinged
             but not closed by :meth:`close`.
+        uri: the server, chosen explicitly (``--mongo-uri``): it replaces ``config.uri`` and is
+            never replaced by ``$MONGO_URI`` (see :func:`resolve_uri`).
 
     Raises:
         StoreError: the server cannot be reached within ``timeout_ms`` or the indexes cannot be
@@ -109,14 +117,14 @@ class MongoStore(Store):
     #: payload size (bytes) above which a feature's heavy part goes to GridFS
     gridfs_threshold: int = 15 * 1024 * 1024
 
-    def __init__(self, config: MongoStoreConfig | None = None, *, client: Any = None):
+    def __init__(self, config: MongoStoreConfig | None = None, *, client: Any = None, uri: str | None = None):
         try:
             from pymongo.errors import PyMongoError
         except ImportError as exc:
             raise StoreError(f"the MongoDB store needs pymongo: pip install 'lmsae-core[mongo]' ({exc})") from exc
 
         self.config = config if config is not None else MongoStoreConfig()
-        self.uri = resolve_uri(self.config)
+        self.uri = resolve_uri(self.config, uri)
         self._owns_client = client is None
         self._seq_lock = threading.Lock()
         self._last_seq = 0
