@@ -3,11 +3,14 @@ adds an architecture and a CLI command without touching the core, found through 
 
 from __future__ import annotations
 
+import copy
+import json
 import subprocess
 import sys
 import sysconfig
 
 import pytest
+import torch
 
 from lmsae.registry import load_registry
 from lmsae.testing import ArchitectureContract
@@ -58,6 +61,57 @@ def test_disabling_the_plugin_removes_it_but_keeps_the_cli_working():
     env = {**os.environ, "LMSAE_DISABLE_PLUGINS": "example"}
     out = lmsae("--help", env=env)
     assert out.returncode == 0 and "tied-info" not in out.stdout
+
+
+def test_example_config_trains_end_to_end(tmp_path):
+    """`lmsae config example tied` then `lmsae run`, shortened: the default [initializer] (encoder
+    from decoder) works for the tied SAE, and the folded result loads back."""
+    from lmsae.dictionary import load_dictionary
+
+    example = lmsae("config", "example", "tied")
+    assert example.returncode == 0, example.stderr
+    path = tmp_path / "tied.toml"
+    path.write_text(example.stdout)
+    assert "encoder_from_decoder = true" in example.stdout and 'type = "synthetic"' in example.stdout
+    out = tmp_path / "run"
+    run = lmsae("run", str(path), "--set", f'output_dir="{out}"', "--set", "trainer.total_training_tokens=4096",
+                cwd=tmp_path)
+    assert run.returncode == 0, run.stderr[-3000:]
+    summary = json.loads((out / "training_summary.json").read_text())
+    assert summary["reason"] == "completed" and summary["steps"] == 4
+    model = load_dictionary(out, load_registry())
+    assert type(model).__name__ == "TiedSAE" and model.config.normalization == "none"  # folded
+
+
+def _tied_model():
+    from lmsae_example_plugin.plugin import TiedConfig, TiedSAE
+
+    torch.manual_seed(0)
+    model = TiedSAE(TiedConfig(hook_point="h", d_model=8, expansion_factor=4)).double()
+    with torch.no_grad():  # away from the init: a non-zero decoder bias, gains other than 1
+        for p in model.parameters():
+            p.add_(0.5 * torch.randn_like(p))
+    return model
+
+
+@pytest.mark.parametrize(("s_in", "s_out"), [(2.0, 3.0), (3.0, 2.0), (0.25, 5.0), (2.0, 2.0)])
+def test_fold_scales_is_exact_when_input_and_output_scales_differ(s_in, s_out):
+    model = _tied_model()
+    x = torch.randn(64, 8, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    reference = model(x * s_in) / s_out  # the definition: the old model on normalised input
+    fired = model.encode(x * s_in) > 0
+    folded = copy.deepcopy(model)
+    with torch.no_grad():
+        folded.fold_scales({"h": s_in}, {"h": s_out})
+    torch.testing.assert_close(folded(x), reference, rtol=1e-10, atol=1e-10)
+    assert torch.equal(folded.encode(x) > 0, fired)
+
+
+def test_init_encoder_from_decoder_makes_the_encoder_factor_times_the_decoder_transpose():
+    model = _tied_model()
+    model.init_encoder_from_decoder(2.0)
+    decoder = model.gain[:, None] * model.W.T  # (n_features, d_model): feature i's decoder row
+    torch.testing.assert_close(model.W, 2.0 * decoder.T)
 
 
 class TestTiedContract(ArchitectureContract):

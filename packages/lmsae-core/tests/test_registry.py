@@ -155,6 +155,52 @@ def test_behaviour_hooks_call_every_implementation(monkeypatch):
     assert calls == [("a", 3), ("end", "done")]
 
 
+def test_unmarked_behaviour_hooks_are_called_like_unmarked_registration_hooks(monkeypatch):
+    calls = []
+
+    def lmsae_register_architectures():  # no @hookimpl: found by name
+        return [arch_spec("unmarked-arch")]
+
+    def lmsae_before_training(trainer, dictionary):  # no @hookimpl either
+        calls.append("before")
+
+    def lmsae_after_step(trainer, step):  # a subset of the parameters, as pluggy allows
+        calls.append(("step", step))
+
+    fake_entry_points(monkeypatch, [])
+    reg = load_registry(plugins=[module("unmarked", lmsae_register_architectures=lmsae_register_architectures,
+                                        lmsae_before_training=lmsae_before_training,
+                                        lmsae_after_step=lmsae_after_step)])
+    assert "unmarked-arch" in reg.names("architecture")
+    reg.hook.lmsae_before_training(trainer=None, dictionary=None)
+    reg.hook.lmsae_after_step(trainer=None, dictionary=None, step=2, metrics=None)
+    assert calls == ["before", ("step", 2)]
+
+
+def test_unmarked_behaviour_hook_with_wrong_parameters_is_rejected(monkeypatch):
+    def lmsae_after_step(trainer, stepp):
+        pass
+
+    bad = module("bad3", lmsae_after_step=lmsae_after_step)
+    fake_entry_points(monkeypatch, [FakeEntryPoint("bad3", lambda: bad, "bad3-pkg")])
+    reg = load_registry()
+    assert "bad3" not in reg.plugins
+    assert "lmsae_after_step" in reg.failures[0].error and "stepp" in reg.failures[0].error
+
+
+def test_behaviour_hook_that_is_not_a_function_is_rejected_with_module_and_name(monkeypatch):
+    import functools
+
+    def after_step(trainer, dictionary, step, metrics, extra):
+        pass
+
+    bad = module("bad4", lmsae_after_step=functools.partial(after_step, extra=1))
+    fake_entry_points(monkeypatch, [FakeEntryPoint("bad4", lambda: bad, "bad4-pkg")])
+    reg = load_registry()
+    assert "bad4" not in reg.plugins
+    assert "bad4.lmsae_after_step is a partial, not a function" in reg.failures[0].error
+
+
 def test_tracing_writes_hook_calls(monkeypatch, capsys):
     fake_entry_points(monkeypatch, [])
     monkeypatch.setenv("LMSAE_TRACE_HOOKS", "1")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import ast
-import importlib.util
 import os
 import pathlib
 import sqlite3
@@ -19,16 +18,8 @@ import numpy as np
 import pytest
 from lmsae.errors import StoreError
 from lmsae.stores.configs import LocalStoreConfig, MongoStoreConfig
-
-# The contract lives next to this file; with --import-mode=importlib the tests folder is not on
-# sys.path, so load it by path.
-_spec = importlib.util.spec_from_file_location("lmsae_store_contract",
-                                               pathlib.Path(__file__).with_name("store_contract.py"))
-contract = importlib.util.module_from_spec(_spec)
-sys.modules.setdefault("lmsae_store_contract", contract)
-_spec.loader.exec_module(contract)
-StoreContract = contract.StoreContract
-assert_same = contract.assert_same
+from lmsae.testing import store_contract as contract
+from lmsae.testing.store_contract import StoreContract, assert_same
 
 STORES_SRC = pathlib.Path(__file__).resolve().parents[1] / "src" / "lmsae" / "stores"
 REAL_MONGO_URI = os.environ.get("LMSAE_TEST_MONGO_URI")
@@ -249,6 +240,16 @@ class TestMongoStoreSpecifics:
         monkeypatch.setenv("MONGO_URI", "mongodb://team-server:27017/")
         assert resolve_uri(MongoStoreConfig()) == "mongodb://team-server:27017/"
         assert resolve_uri(MongoStoreConfig(uri="mongodb://explicit:1/")) == "mongodb://explicit:1/"
+
+    def test_explicit_uri_wins_over_env_even_when_it_is_the_default(self, monkeypatch):
+        mongomock = pytest.importorskip("mongomock")
+        from lmsae.stores.mongo import MongoStore, resolve_uri
+
+        default = "mongodb://localhost:27017/"
+        monkeypatch.setenv("MONGO_URI", "mongodb://team-server:27017/")
+        assert resolve_uri(MongoStoreConfig(), default) == default
+        with MongoStore(MongoStoreConfig(uri=default), client=mongomock.MongoClient(), uri=default) as store:
+            assert store.uri == default
 
     def test_indexes_are_created(self):
         with _mock_store() as store:

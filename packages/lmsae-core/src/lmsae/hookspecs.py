@@ -19,6 +19,11 @@ There are two families of hooks:
 * **Behaviour hooks** are called during a run (``lmsae_before_training``,
   ``lmsae_after_step``, ``lmsae_after_training``). Every implementation is called; return
   values are ignored.
+
+A module function named like a hook is that hook's implementation even without the marker (the
+registry registers it with pluggy all the same); the marker is needed only for pluggy's options
+such as ``@hookimpl(tryfirst=True)``. A function named ``lmsae_*`` that is not a hook below is an
+error naming the closest hook.
 """
 
 from __future__ import annotations
@@ -103,6 +108,10 @@ def lmsae_register_trainers() -> Iterable[TrainerSpec]:
         @hookimpl
         def lmsae_register_trainers():
             return [TrainerSpec(config_class=SignSGDTrainerConfig, factory=SignSGDTrainer)]
+
+    The factory is called as ``factory(config, model, device=..., loggers=..., hooks=...,
+    output_dir=..., registry=..., eval_fn=..., progress=...)`` (plus ``mesh``, ``sharding_rules``
+    and ``full_config`` in a distributed run); :class:`~lmsae.records.TrainerSpec` says what each is.
     """
 
 
@@ -115,6 +124,10 @@ def lmsae_register_writers() -> Iterable[WriterSpec]:
         @hookimpl
         def lmsae_register_writers():
             return [WriterSpec(config_class=ZarrWriterConfig, factory=ZarrWriter)]
+
+    The factory is called as ``factory(config, directory, hook_points=..., shard_index=...,
+    n_shards=..., description=..., overwrite=...)``; :class:`~lmsae.records.WriterSpec` says what
+    each is and what the writer must provide.
     """
 
 

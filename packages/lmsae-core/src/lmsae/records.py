@@ -56,10 +56,17 @@ class ArchitectureSpec:
     - ``example_config()``: the smallest valid config (used by ``lmsae config example`` and the
       contract tests).
     - ``analysis_extras(model, feature_indices)``: optional per-feature extras for analysis.
-    - ``shard_config(config, counts)``: optional; the config of ONE shard when the mesh axes in
-      ``counts`` (e.g. ``{"model": 2}``) split the dictionary as the sharding rules say (e.g.
-      ``d_sae // 2`` features). The shard is built as ``model_class(shard_config(...))`` and loads
-      the sliced state dict. None: the architecture supports data parallelism only.
+    - ``shard_config(config, counts)`` or ``shard_config(config, counts, index=...)``: optional;
+      the config of ONE shard when the mesh axes in ``counts`` (``{axis: number of shards}``, only
+      the axes that split, e.g. ``{"model": 2}``) split the dictionary as the sharding rules say
+      (e.g. ``d_sae // 2`` features). When the function declares a parameter named ``index``, it
+      is also given ``index={axis: this shard's position along it}`` for the same axes, for shards
+      that differ in more than their sizes (a crosscoder's head shard holds other hook points);
+      otherwise it is called with two arguments (see
+      :func:`lmsae.distributed.models.shard_config_for`). The shard is built as
+      ``model_class(shard_config(...))`` and loads the sliced state dict. It raises
+      :class:`lmsae.errors.ShardingError` when a size does not divide. None: the architecture
+      supports data parallelism only.
     """
 
     config_class: type[DictionaryConfig]
@@ -81,7 +88,8 @@ class ArchitectureSpec:
 
 @attrs.frozen
 class SourceSpec(ComponentSpec):
-    """An activation source: ``factory(config, context) -> ActivationSource``."""
+    """An activation source: ``factory(config, context) -> ActivationSource``, where ``context`` is
+    a :class:`lmsae.activations.protocol.SourceContext` (hook points, layout, seed, shard, ...)."""
 
 
 @attrs.frozen
@@ -91,17 +99,55 @@ class LanguageModelSpec(ComponentSpec):
 
 @attrs.frozen
 class TrainerSpec(ComponentSpec):
-    """A trainer: ``factory(config, context) -> Trainer``."""
+    """A trainer. The train and sweep tasks build it as::
+
+        factory(config, model, device=device, loggers=loggers, hooks=registry.hook,
+                output_dir=output_dir, registry=registry, eval_fn=eval_fn, progress=progress)
+
+    and the train task of a distributed run (``torchrun`` with a ``[distributed]`` table, any
+    axis) also passes ``mesh=``, ``sharding_rules=`` and ``full_config=``:
+
+    - ``config``: an instance of ``config_class``; ``model``: the dictionary to train (under a
+      mesh, this process's shard);
+    - ``device``: a :class:`torch.device`; ``loggers``: a
+      :class:`lmsae.logging.loggers.MultiLogger` (empty except on the primary process);
+      ``hooks``: the registry's pluggy hook relay, through which the trainer calls the behaviour
+      hooks; ``output_dir``: the run directory (checkpoints); ``registry``: the
+      :class:`lmsae.registry.Registry`; ``eval_fn``: ``eval_fn(model) -> {name: float}`` or None;
+      ``progress``: show a progress bar (the sweep passes False);
+    - ``mesh``: the :class:`lmsae.distributed.mesh.Mesh`; ``sharding_rules``: the architecture's
+      rules for the whole dictionary; ``full_config``: the whole dictionary's config.
+
+    The train task then calls ``fit(stream, resumed=..., stream_state=...)``, ``load_state_dict``
+    when resuming and ``gather_model()`` under a mesh; the sweep task drives ``setup`` and
+    ``train_step`` itself. :class:`lmsae.training.trainer.Trainer` has the whole interface.
+    """
 
 
 @attrs.frozen
 class WriterSpec(ComponentSpec):
-    """An activation writer (cache format): ``factory(config, directory) -> Writer``."""
+    """An activation writer (cache format). The generate task builds it as::
+
+        factory(config, directory, hook_points=hook_points, shard_index=shard_index,
+                n_shards=n_shards, description=description, overwrite=overwrite)
+
+    - ``directory``: the output directory (a :class:`pathlib.Path`; several shards share it);
+    - ``hook_points``: tuple of the hook points every batch holds;
+    - ``shard_index``, ``n_shards``: this writer's shard, ``0 <= shard_index < n_shards``;
+    - ``description``: JSON-serialisable dict with ``"model"`` (name), ``"dataset"`` (the
+      sources as plain data) and ``"model_config"``;
+    - ``overwrite``: discard existing data instead of resuming it.
+
+    The writer is used as a context manager; the task calls ``resume_position() -> int`` (the
+    sequences already stored) and ``write(batch)`` with sequence batches. See
+    :class:`lmsae.activations.cache.ActivationWriter`.
+    """
 
 
 @attrs.frozen
 class LoggerSpec(ComponentSpec):
-    """A metric logger: ``factory(config, context) -> MetricLogger``."""
+    """A metric logger: ``factory(config, context) -> MetricLogger``, where ``context`` is a
+    :class:`lmsae.logging.loggers.LoggerContext`."""
 
 
 @attrs.frozen
@@ -111,7 +157,8 @@ class StoreSpec(ComponentSpec):
 
 @attrs.frozen
 class TaskSpec(ComponentSpec):
-    """A task run by ``lmsae run``: ``factory(config, context) -> result``.
+    """A task run by ``lmsae run``: ``factory(config, context) -> result``, where ``context`` is a
+    :class:`lmsae.runtime.RunContext` (the result is ignored by the CLI).
 
     ``config_class`` is the task's :class:`RunConfig`; ``example(registry)`` optionally returns a
     complete example run config for ``lmsae config example``.

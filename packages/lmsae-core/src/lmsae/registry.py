@@ -6,13 +6,23 @@ There is no module-global plugin manager: :func:`load_registry` builds a fresh
 Discovery: the core's built-in plugin modules are registered first (distribution
 ``lmsae-core``), then every entry point of the ``lmsae`` group of the installed distributions.
 ``LMSAE_DISABLE_PLUGINS=name1,name2`` skips entry points by name (``all`` skips every
-third-party plugin); ``LMSAE_TRACE_HOOKS=1`` prints every hook call to stderr.
+third-party plugin); ``LMSAE_TRACE_HOOKS=1`` prints every behaviour-hook call to stderr (the
+registry calls registration hooks itself, so they are not traced).
+
+Hooks are found by name: a module function called like a hook in :mod:`lmsae.hookspecs` is that
+hook's implementation whether or not it carries the ``@hookimpl`` marker. The registry calls
+registration hooks (``lmsae_register_*``) itself, by name; :class:`_PluginManager` makes pluggy
+treat behaviour hooks (``lmsae_after_step``, ...) the same way, so an unmarked one is called
+instead of being silently skipped. The marker is still needed for pluggy's options
+(``@hookimpl(tryfirst=True)``, ...). A name that merely looks like a hook is an error, and so is
+a behaviour hook that pluggy could not call (a callable object instead of a function).
 """
 
 from __future__ import annotations
 
 import importlib
 import importlib.metadata as md
+import inspect
 import logging
 import os
 import sys
@@ -39,6 +49,8 @@ CORE_DISTRIBUTION = "lmsae-core"
 BUILTIN_PLUGINS: tuple[str, ...] = ("lmsae.plugins.core",)
 
 _HOOK_NAMES = frozenset(n for n in dir(hookspecs) if n.startswith("lmsae_"))
+#: hooks only pluggy calls (the registry and the CLI call ``lmsae_register_*`` themselves)
+_BEHAVIOUR_HOOKS = frozenset(n for n in _HOOK_NAMES if not n.startswith("lmsae_register_"))
 
 
 @attrs.frozen
@@ -79,6 +91,28 @@ def disabled_plugins(env: dict[str, str] | None = None) -> set[str]:
     return {p.strip() for p in raw.replace(",", " ").split() if p.strip()}
 
 
+class _PluginManager(pluggy.PluginManager):
+    """A pluggy manager that also takes unmarked functions named like an lmsae hook."""
+
+    def parse_hookimpl_opts(self, plugin: Any, name: str) -> Any:
+        opts = super().parse_hookimpl_opts(plugin, name)
+        if opts is None and name in _HOOK_NAMES and _is_function(inspect.getattr_static(plugin, name, None)):
+            return {}  # pluggy fills in the defaults, as for a bare ``@hookimpl``
+        return opts
+
+
+def _is_function(value: Any) -> bool:
+    """Whether pluggy can register ``value`` (read statically from a module) as a hook implementation."""
+    return inspect.isfunction(value) or isinstance(value, (types.MethodType, staticmethod, classmethod))
+
+
+def _uncallable_hooks(module: types.ModuleType) -> list[str]:
+    """Behaviour-hook names in ``module`` bound to a callable that is not a function: pluggy would
+    skip it (registration hooks are called by name, so any callable works for them)."""
+    return sorted(attr for attr, value in vars(module).items()
+                  if attr in _BEHAVIOUR_HOOKS and callable(value) and not _is_function(value))
+
+
 def _misspelt_hooks(module: types.ModuleType) -> list[str]:
     """Names in ``module`` that look like hooks (``lmsae_*`` functions) but are not hooks."""
     bad = []
@@ -95,7 +129,7 @@ class Registry:
     """
 
     def __init__(self) -> None:
-        self.pm = pluggy.PluginManager(hookspecs.PROJECT)
+        self.pm = _PluginManager(hookspecs.PROJECT)
         self.pm.add_hookspecs(hookspecs)
         self.plugins: dict[str, _PluginInfo] = {}
         self.failures: list[PluginFailure] = []
@@ -113,7 +147,9 @@ class Registry:
                    distribution: str = "unknown", version: str = "") -> None:
         """Register one plugin module and collect its records.
 
-        Raises :class:`PluginError` (nothing is kept from the plugin) when it misspells a hook,
+        Every function named like a hook is registered, marked with ``@hookimpl`` or not (see the
+        module docstring). Raises :class:`PluginError` (nothing is kept from the plugin) when it
+        misspells a hook, binds a behaviour-hook name to a callable that is not a function,
         returns a record of the wrong type, or registers a name another plugin already has
         (:class:`DuplicateNameError`).
         """
@@ -126,6 +162,11 @@ class Registry:
             hints = "; ".join(f"{b}{did_you_mean(b, _HOOK_NAMES)}" for b in bad)
             raise PluginError(f"plugin {name!r} from distribution {distribution!r} defines functions that are not "
                               f"lmsae hooks: {hints}")
+        uncallable = _uncallable_hooks(module)
+        if uncallable:
+            raise PluginError(f"plugin {name!r} from distribution {distribution!r}: "
+                              + "; ".join(f"{module.__name__}.{u} is a {type(getattr(module, u)).__name__}, "
+                                          "not a function, so it cannot be called as a hook" for u in uncallable))
         try:
             self.pm.register(module, name=name)
             self.pm.check_pending()
@@ -264,7 +305,7 @@ class Registry:
     # --- behaviour hooks ---------------------------------------------------------------------
 
     def enable_tracing(self, stream: Any = None) -> None:
-        """Print every hook call to ``stream`` (stderr by default)."""
+        """Print every behaviour-hook call (pluggy's trace) to ``stream`` (stderr by default)."""
         out = stream or sys.stderr
         self.pm.trace.root.setwriter(lambda msg: out.write(msg))
         self.pm.enable_tracing()

@@ -74,18 +74,31 @@ class TiedSAE(SparseDictionary):
         return {self.config.hook_point: self.config.d_model}
 
     def fold_scales(self, scales_in: Mapping[str, float], scales_out: Mapping[str, float]) -> None:
-        (s,) = scales_in.values()
-        (t,) = scales_out.values()
-        # encoder: ((s x) - b) W + c = (x - b/s) (s W) + c ; decoder must give (g f (sW)^T + b')/t ...
-        # with W' = s W the decoder term becomes g f W'^T = s g f W^T, so g' = g / (s t), b' = b / t
-        # and the encoder's b_dec must then be b/s: keep the tied bias honest by re-centring via b_enc.
-        b = self.b_dec.clone()
-        self.W.mul_(s)
-        self.gain.div_(s * t)
-        # encoder input shift: (x - b'/...) — we want (x - b/s) W' ; with b_dec' = b/t we get
-        # (x - b/t) W' = (x - b/s) W' + (b/s - b/t) W'; absorb the difference into b_enc.
-        self.b_dec.copy_(b / t)
-        self.b_enc.add_((b / s - b / t) @ self.W)
+        """Rewrite the weights for raw activations: ``forward(x) == forward_before(s x) / t``.
+
+        With s = input scale, t = output scale, the old model computes
+        f = relu((s x - b) W + c) and predicts (g f W^T + b) / t. Folded: W' = s W, b' = b / t,
+        g' = g / (s t) keep the prediction, and the encoder, which now sees
+        (x - b/t) W' = (s x - b) W + (1 - s/t) b W, needs c' = c - (1 - s/t) b W so that the
+        features f are unchanged (exact also when s != t).
+        """
+        (s,) = (float(v) for v in scales_in.values())
+        (t,) = (float(v) for v in scales_out.values())
+        with torch.no_grad():
+            b = self.b_dec.clone()
+            self.b_enc.sub_((1.0 - s / t) * b @ self.W)  # with the old W
+            self.W.mul_(s)
+            self.gain.div_(s * t)
+            self.b_dec.copy_(b / t)
+
+    def init_encoder_from_decoder(self, factor: float = 1.0) -> None:
+        """Encoder = decoder transpose × ``factor`` (the ``[initializer] encoder_from_decoder`` step).
+
+        The encoder is ``W`` and the decoder ``diag(gain) W^T``: they are tied, so only the gain
+        can make the encoder ``factor`` times the decoder's transpose, exactly: ``gain = 1/factor``.
+        """
+        with torch.no_grad():
+            self.gain.fill_(1.0 / factor)
 
 
 def tied_rules(config: TiedConfig) -> dict[str, dict[str, int]]:

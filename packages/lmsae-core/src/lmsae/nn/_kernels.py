@@ -276,17 +276,22 @@ def _build() -> dict[str, Any]:  # noqa: C901 - the kernels are defined together
         * n_features + f``, ``order[crow[key]:crow[key + 1]]`` are the flat positions ``t * k + j``
         with ``indices[t, j] == f`` and ``t`` in that block of ``block`` tokens, increasing."""
         n, k = indices.shape
-        flat = indices.reshape(-1)
         crow[:] = 0
-        for p in range(flat.shape[0]):
-            crow[(p // k) // block * n_features + flat[p] + 1] += 1
+        for t in range(n):
+            base = t // block * n_features + 1
+            for j in range(k):
+                crow[base + indices[t, j]] += 1
         for key in range(crow.shape[0] - 1):
             crow[key + 1] += crow[key]
         fill = crow[:-1].copy()
-        for p in range(flat.shape[0]):
-            key = (p // k) // block * n_features + flat[p]
-            order[fill[key]] = p
-            fill[key] += 1
+        p = 0
+        for t in range(n):
+            base = t // block * n_features
+            for j in range(k):
+                key = base + indices[t, j]
+                order[fill[key]] = p
+                fill[key] += 1
+                p += 1
 
     @njit(parallel=True, nogil=True, cache=_CACHE, boundscheck=False, fastmath=fast)
     def feature_grads(crow, order, k, values, grad_recon, grad_values, x_in, g_wd, g_we_t, g_be):

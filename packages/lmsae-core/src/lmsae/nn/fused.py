@@ -534,6 +534,7 @@ def sparse_batch_statistics(indices: Tensor, values: Tensor, recon: Tensor, labe
     fired = vals > 0
     if flat_mask is not None:
         fired = fired & (flat_mask != 0).unsqueeze(-1)
-    counts = torch.bincount(idx[fired], minlength=n_features)
-    stats["feature_count"] = counts.to(device=stats["n_tokens"].device, dtype=torch.float64)
+    # one weighted pass (no boolean-indexed copy): each (token, slot) counts 1 where it fired
+    counts = torch.bincount(idx.reshape(-1), weights=fired.reshape(-1).to(torch.float64), minlength=n_features)
+    stats["feature_count"] = counts.to(device=stats["n_tokens"].device)
     return stats

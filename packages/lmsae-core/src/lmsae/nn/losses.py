@@ -253,6 +253,18 @@ class DeadFeatureTracker:
         self.tokens_since_fired = counts.masked_fill(fired, 0)
 
     @torch.no_grad()
+    def update_fired(self, fired: Tensor, n_tokens: int) -> None:
+        """Account for a batch of ``n_tokens`` unmasked tokens in which the features where
+        ``fired`` (bool, of ``shape``) fired, e.g. ``feature_count > 0`` of the batch statistics."""
+        if tuple(fired.shape) != self.shape or fired.dtype != torch.bool:
+            raise ShapeError(f"fired must be a bool tensor of shape {self.shape}, got {fired.dtype} "
+                             f"{tuple(fired.shape)}")
+        counts = self.tokens_since_fired
+        if counts.device != fired.device:
+            counts = counts.to(fired.device)
+        self.tokens_since_fired = (counts + int(n_tokens)).masked_fill(fired, 0)
+
+    @torch.no_grad()
     def update_sparse(self, indices: Tensor, values: Tensor, mask: Tensor | None = None) -> None:
         """:meth:`update` from sparse activations: ``indices``/``values`` ``(*tokens, k)`` of a
         single feature axis (as a fused TopK path returns them), ``mask`` of shape ``tokens``."""

@@ -5,15 +5,18 @@ matches a single-process one.
 i.e. defined at module level of an installed module) with ``torch.distributed`` initialised on
 gloo, and raises with every failing rank's traceback.
 
-:func:`check_parallel_training` is the architecture-independent check: a dictionary (any installed
-architecture, float64) trained ``steps`` steps on a mesh (e.g. ``{"model": 2}``, ``{"data": 2}``,
-``{"head": 2}``) ends with the same weights as one process trained on the same global batches.
-Use it in a plugin's tests::
+:func:`check_parallel_training` is the architecture-independent check: a dictionary (of any
+installed architecture, or of a plugin module passed as ``plugins=``; float64) trained ``steps`` steps
+on a mesh (e.g. ``{"model": 2}``, ``{"data": 2}``, ``{"head": 2}``) ends with the same weights as
+one process trained on the same global batches. Use it in a plugin's tests::
 
     from lmsae.testing.distributed import check_parallel_training
 
     def test_feature_parallel_matches_one_process(tmp_path):
         check_parallel_training("my_arch", MyConfig.example(), {"model": 2}, tmp_path)
+
+A plugin under development that is not installed (no entry point yet) is passed by module, as
+to :func:`lmsae.registry.load_registry`: ``plugins=["my_package.plugin"]``.
 """
 
 from __future__ import annotations
@@ -23,7 +26,8 @@ import os
 import pathlib
 import socket
 import traceback
-from collections.abc import Callable, Mapping
+import types
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -81,11 +85,35 @@ def fail_on_rank(rank: int, world_size: int, failing_rank: int, message: str) ->
 # --- the training check --------------------------------------------------------------------------
 
 
-def _build(architecture: str, config: Mapping[str, Any], seed: int) -> tuple[Any, Any, Any]:
+def _plugin_paths(plugins: Sequence[types.ModuleType | str]) -> tuple[str, ...]:
+    """Import paths of ``plugins``: the spawned workers import them again, so a module object must
+    be importable by its name (defined in a file on ``sys.path``, not built at run time)."""
+    import importlib.util
+
+    paths = []
+    for p in plugins:
+        if isinstance(p, str):
+            paths.append(p)
+            continue
+        name = p.__name__
+        spec = getattr(p, "__spec__", None)
+        try:
+            found = importlib.util.find_spec(name) if spec is not None else None
+        except (ImportError, ValueError):
+            found = None
+        if found is None or found.origin != spec.origin:
+            raise ValueError(f"plugin module {name!r} cannot be imported by name in the spawned worker "
+                             "processes; define the plugin in a module on sys.path and pass its import path")
+        paths.append(name)
+    return tuple(paths)
+
+
+def _build(architecture: str, config: Mapping[str, Any], seed: int,
+           plugins: Sequence[str] = ()) -> tuple[Any, Any, Any]:
     from lmsae.config.base import DictionaryConfig
     from lmsae.registry import load_registry
 
-    registry = load_registry()
+    registry = load_registry(plugins=plugins)
     cfg = registry.structure({**config, "architecture": architecture}, DictionaryConfig)
     spec = registry.architecture(architecture)
     torch.manual_seed(seed)
@@ -146,14 +174,15 @@ def _train(model: Any, batches: list[dict[str, Any]], trainer_overrides: Mapping
 
 
 def _distributed_worker(rank: int, world_size: int, architecture: str, config: dict, sizes: dict, steps: int,
-                        batch_size: int, trainer_overrides: dict, seed: int, out_dir: str) -> None:
+                        batch_size: int, trainer_overrides: dict, seed: int, out_dir: str,
+                        plugins: tuple[str, ...] = ()) -> None:
     from safetensors.torch import save_file
 
     from lmsae.distributed.mesh import DistributedConfig, build_mesh
     from lmsae.distributed.models import gather_state, shard_model
 
     mesh = build_mesh(DistributedConfig(**sizes))
-    registry, spec, full = _build(architecture, config, seed)
+    registry, spec, full = _build(architecture, config, seed, plugins)
     batches = _batches(full, steps, batch_size, seed)
     per_step = _tokens(batches[0])
     local = [_rows(b, mesh.coord("data"), mesh.size("data")) for b in batches]
@@ -168,15 +197,23 @@ def _distributed_worker(rank: int, world_size: int, architecture: str, config: d
 
 def check_parallel_training(architecture: str, config: Any, sizes: Mapping[str, int], tmp_path: str | os.PathLike,
                             *, steps: int = 3, batch_size: int = 8, trainer: Mapping[str, Any] | None = None,
-                            seed: int = 0, rtol: float = 1e-7, atol: float = 1e-9) -> dict[str, Any]:
+                            seed: int = 0, rtol: float = 1e-7, atol: float = 1e-9,
+                            plugins: Sequence[types.ModuleType | str] = ()) -> dict[str, Any]:
     """Train ``architecture`` (``config``: its config object or a plain dict) for ``steps`` steps in
     one process and on a mesh of ``sizes``; assert that the final weights (gathered to the
-    canonical layout) and the logged metrics agree. Returns both metric dicts."""
+    canonical layout) and the logged metrics agree. Returns both metric dicts.
+
+    ``plugins``: plugin modules (or import paths) registered after the installed ones, as in
+    :func:`lmsae.registry.load_registry`, e.g. an architecture that is not installed yet. Every
+    worker process imports them again, so they must be importable by name."""
     from safetensors.torch import load_file
 
     from lmsae.registry import load_registry
 
-    plain = config if isinstance(config, Mapping) else load_registry().unstructure(config)
+    plugin_paths = _plugin_paths(plugins)
+    registry = load_registry(plugins=plugin_paths)  # here first: an unknown architecture fails before spawning
+    registry.architecture(architecture)
+    plain = config if isinstance(config, Mapping) else registry.unstructure(config)
     plain = {k: v for k, v in dict(plain).items() if k != "architecture"}
     if plain.get("normalization", "dataset") == "dataset" and not plain.get("dataset_norms"):
         plain["normalization"] = "none"  # no calibration pass here: train on the raw example batches
@@ -187,8 +224,8 @@ def check_parallel_training(architecture: str, config: Any, sizes: Mapping[str, 
     for n in sizes.values():
         world *= int(n)
     run_distributed(_distributed_worker, world, architecture, plain, dict(sizes), steps, batch_size, trainer, seed,
-                    str(out), error_dir=out / "errors")
-    _, _, full = _build(architecture, plain, seed)
+                    str(out), plugin_paths, error_dir=out / "errors")
+    _, _, full = _build(architecture, plain, seed, plugin_paths)
     batches = _batches(full, steps, batch_size, seed)
     single_metrics = _train(full, batches, trainer, steps)
     got = load_file(str(out / "distributed.safetensors"))

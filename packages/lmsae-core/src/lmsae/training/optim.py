@@ -232,9 +232,10 @@ class SignSGDScheduleFree(torch.optim.Optimizer):
         super().__init__(params, defaults)
 
     @staticmethod
-    def _interpolate(z: torch.Tensor, x: torch.Tensor, beta: float) -> torch.Tensor:
-        """``y = (1 - beta) z + beta x``; the one formula used by both step() and train()."""
-        return torch.lerp(z, x, beta)
+    def _interpolate(z: torch.Tensor, x: torch.Tensor, beta: float, out: torch.Tensor) -> None:
+        """``out = y = (1 - beta) z + beta x``; the one formula used by both step() and train()
+        (written straight into the parameter: no temporary, no copy)."""
+        torch.lerp(z, x, beta, out=out)
 
     @torch.no_grad()
     def eval(self) -> None:
@@ -257,7 +258,7 @@ class SignSGDScheduleFree(torch.optim.Optimizer):
             for p in group["params"]:
                 state = self.state.get(p)
                 if state and "x" in state:
-                    p.copy_(self._interpolate(state["z"], state["x"], group["beta"]))
+                    self._interpolate(state["z"], state["x"], group["beta"], p.detach())
             group["train_mode"] = True
 
     @property
@@ -306,7 +307,7 @@ class SignSGDScheduleFree(torch.optim.Optimizer):
                     z.add_(p, alpha=-lr * weight_decay)
                 z.add_(grad.sign(), alpha=-lr)
                 x.lerp_(z, c)
-                p.copy_(self._interpolate(z, x, beta))
+                self._interpolate(z, x, beta, p.detach())
         return loss
 
 

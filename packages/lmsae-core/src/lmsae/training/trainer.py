@@ -488,8 +488,10 @@ class Trainer:
 
         indices, values = ctx["sparse_acts"]
         n_features = int(self.tracker.shape[-1])
-        self.tracker.update_sparse(indices, values, ctx["mask"])
-        return sparse_batch_statistics(indices, values, ctx["recon"], ctx["label"], ctx["mask"], n_features)
+        stats = sparse_batch_statistics(indices, values, ctx["recon"], ctx["label"], ctx["mask"], n_features)
+        # the features that fired on an unmasked token are those counted by the statistics
+        self.tracker.update_fired(stats["feature_count"] > 0, int(stats["n_tokens"]))
+        return stats
 
     def train_step(self, batch: Mapping[str, Any]) -> dict[str, Any]:
         """One optimiser step on a raw batch; returns the loss context."""

@@ -1,13 +1,24 @@
 """The store contract: one test suite every :class:`lmsae.stores.base.Store` backend passes.
 
-Not collected by itself (the file name does not start with ``test_``). A backend's test module
-subclasses :class:`StoreContract` and overrides the ``store`` fixture::
+Both built-in stores (``local`` and ``mongo``) pass it, and so should a plugin's store. A
+backend's test module subclasses :class:`StoreContract` (the name does not start with ``Test``,
+so the base class itself is not collected) and overrides the ``store`` fixture with a fresh,
+empty store::
+
+    import pytest
+
+    from lmsae.testing.store_contract import StoreContract
 
     class TestMyStore(StoreContract):
         @pytest.fixture
         def store(self, tmp_path):
-            with MyStore(...) as s:
+            with MyStore(MyStoreConfig(directory=tmp_path / "store")) as s:
                 yield s
+
+The record factories (``make_dictionary``, ``make_feature``, ...) and :func:`assert_same` (exact
+comparison, arrays included) are public too, for a backend's own extra tests. The class
+attribute ``many_features`` (default 2000) is the size of the speed test, which must store them
+in under 5 seconds; lower it only for a test double, not for the real backend.
 """
 
 from __future__ import annotations
@@ -19,6 +30,7 @@ from typing import Any
 import attrs
 import numpy as np
 import pytest
+
 from lmsae.errors import StoreError
 from lmsae.stores.base import (
     DictionaryRecord,
@@ -32,6 +44,9 @@ from lmsae.stores.base import (
     Store,
     TokenLogit,
 )
+
+__all__ = ["StoreContract", "assert_same", "make_dictionary", "make_evaluation", "make_feature",
+           "make_interpretation", "make_logits", "make_sample", "make_small_feature"]
 
 # --------------------------------------------------------------------------------------------
 # Exact comparison of records holding numpy arrays
