@@ -710,20 +710,34 @@ class Trainer:
                 if self.step % self.config.log_every == 0 or self.step == self.total_steps:
                     metrics = self.window_metrics(ctx)
                     self.window.reset()
-                    if self.eval_fn is not None and self.config.eval_every and self.step % self.config.eval_every == 0:
-                        with self.averaged():
-                            metrics.update({f"eval/{k}": v for k, v in self.eval_fn(self.model).items()})
                     self.last_metrics = metrics
                     bar.set_postfix(ev=f"{metrics['metrics/explained_variance']:.3f}",
                                     l0=f"{metrics['metrics/l0']:.1f}", refresh=False)
-                    if self.loggers is not None:
-                        self.loggers.log(self.step, metrics)
+                # held-out evaluation every eval_every steps, whether or not the step logs: its
+                # metrics join the step's logged metrics (or are logged alone)
+                if self.eval_fn is not None and self.config.eval_every and self.step % self.config.eval_every == 0:
+                    with self.averaged():
+                        evaluated = {f"eval/{k}": v for k, v in self.eval_fn(self.model).items()}
+                    if metrics is None:
+                        metrics = evaluated
+                        self.last_metrics = {**self.last_metrics, **evaluated}
+                    else:
+                        metrics.update(evaluated)
+                if metrics is not None and self.loggers is not None:
+                    self.loggers.log(self.step, metrics)
                 if self.hooks is not None:
                     self.hooks.lmsae_after_step(trainer=self, dictionary=self.model, step=self.step, metrics=metrics)
                 if self.step in self._checkpoint_at and self.output_dir is not None:
                     with self.averaged():  # weights and optimizer state saved in the same mode: exact resume
                         self.save_checkpoint(stream_state() if stream_state else None)
-                if self._stop_reason is not None:
+                stop = self._stop_reason is not None
+                if self.mesh.is_distributed:
+                    # a stop requested on one process stops all of them at the same step (the
+                    # others would otherwise wait for it in the next collective until the timeout)
+                    stop = not self._everyone_has(not stop)
+                    if stop and self._stop_reason is None:
+                        self._stop_reason = "another process of this run requested a stop"
+                if stop:
                     reason = "stopped"
                     break
         finally:
