@@ -102,3 +102,53 @@ def test_generate_then_train_from_cache(tmp_path):
     assert train.returncode == 0, train.stderr[-3000:]
     summary = json.loads((tmp_path / "sae" / "training_summary.json").read_text())
     assert summary["reason"] == "completed" and summary["steps"] == 1
+
+
+def _architectures() -> list[str]:
+    from lmsae.registry import load_registry
+
+    names = load_registry().names("architecture")
+    # the monorepo's own: a plugin that failed to install must fail here, not drop out of the list
+    assert {"sae", "crosscoder", "clt", "lorsa", "molt"} <= set(names), names
+    return names
+
+
+ARCHITECTURES = _architectures()
+
+
+def _example_config(arch: str, tmp_path: pathlib.Path) -> pathlib.Path:
+    res = lmsae("config", "example", arch)
+    assert res.returncode == 0, res.stderr
+    path = tmp_path / f"{arch}.toml"
+    path.write_text(res.stdout)
+    check = lmsae("config", "check", str(path))
+    assert check.returncode == 0 and "valid 'train' config" in check.stdout, check.stderr
+    return path
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_config_example_of_every_architecture_is_valid(arch, tmp_path):
+    """`lmsae config example ARCH` prints a config that `lmsae config check` accepts; the ones on the
+    synthetic source also train (shortened; the others need the language model, below)."""
+    path = _example_config(arch, tmp_path)
+    if 'type = "synthetic"' not in path.read_text():
+        return
+    run = lmsae("run", str(path), "--set", f'output_dir="{tmp_path / "out"}"', "--set", 'device="cpu"',
+                "--set", "trainer.total_training_tokens=8192")
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert json.loads((tmp_path / "out" / "training_summary.json").read_text())["reason"] == "completed"
+
+
+@pytest.mark.lm
+def test_config_example_on_the_language_model_trains(tmp_path):
+    """Architectures reading more hook points than the synthetic source provides (the CLT) get an
+    example on SmolLM2's activations; it trains (shortened)."""
+    on_lm = [a for a in ARCHITECTURES if 'type = "text"' in _example_config(a, tmp_path).read_text()]
+    assert "clt" in on_lm
+    for arch in on_lm:
+        out = tmp_path / f"out-{arch}"
+        run = lmsae("run", str(tmp_path / f"{arch}.toml"), "--set", f'output_dir="{out}"', "--set", 'device="cpu"',
+                    "--set", "trainer.total_training_tokens=2048")
+        assert run.returncode == 0, run.stderr[-3000:]
+        summary = json.loads((out / "training_summary.json").read_text())
+        assert summary["reason"] == "completed" and summary["steps"] == 2

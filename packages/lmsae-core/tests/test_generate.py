@@ -5,17 +5,21 @@ from __future__ import annotations
 import io
 import json
 import pathlib
+from typing import ClassVar
 
 import pytest
 import torch
 
 from lmsae.activations.cache import check_cache, describe_cache
-from lmsae.config.base import LanguageModelConfig, RunConfig
+from lmsae.config import config_class
+from lmsae.config.base import LanguageModelConfig, RunConfig, WriterConfig
 from lmsae.errors import DataError
+from lmsae.hookspecs import hookimpl
+from lmsae.records import WriterSpec
 from lmsae.registry import load_registry
 from lmsae.runtime import RunContext
 from lmsae.tasks.common import model_loader, stream_builder
-from lmsae.testing.plugins import fake_entry_points
+from lmsae.testing.plugins import fake_entry_points, module
 
 HOOKS = ["blocks.0.hook_resid_post", "blocks.1.hook_mlp_out"]
 MODEL = {"backend": "transformer_lens", "model": "tiny-random", "device": "cpu"}
@@ -176,3 +180,57 @@ def test_after_training_needs_held_out_text(registry, corpus, tmp_path):
             "after_training": {"analyze": True}}
     with pytest.raises(ConfigError, match=r"\$\.after_training: evaluate/analyze after training read held-out"):
         registry.structure(data, RunConfig)
+
+
+def test_generation_stops_at_the_budget_without_running_the_model_further(registry, corpus, tmp_path, monkeypatch):
+    from lmsae.sources.text_source import TextSource
+
+    real_iter = TextSource.__iter__
+    produced: list[int] = []
+
+    def counting_iter(self):
+        for chunk in real_iter(self):
+            produced.append(int(chunk["tokens"].shape[0]))  # the model has run on these sequences
+            yield chunk
+
+    monkeypatch.setattr(TextSource, "__iter__", counting_iter)
+    summary = generate(registry, corpus, tmp_path / "c", total_tokens=10 * 32)
+    assert summary["sequences"] == 10
+    assert produced == [5, 5]  # two model batches of 5 sequences, no third one thrown away
+
+
+@config_class
+class MemoryWriterConfig(WriterConfig):
+    """A plugin's cache format that is not the core's (nothing on disk)."""
+
+    name: ClassVar[str] = "memory"
+
+
+class MemoryWriter:
+    def __init__(self, config, directory, *, hook_points, shard_index, n_shards, description, overwrite):
+        self.batches: list[dict] = []
+
+    def resume_position(self) -> int:
+        return 0
+
+    def write(self, batch) -> None:
+        self.batches.append(batch)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        return None
+
+
+@hookimpl
+def _register_memory_writer():
+    return [WriterSpec(config_class=MemoryWriterConfig, factory=MemoryWriter)]
+
+
+def test_a_plugin_writer_of_another_format_finishes_without_the_core_summary(corpus, tmp_path, monkeypatch):
+    fake_entry_points(monkeypatch, [])
+    reg = load_registry(plugins=[module("memory_writer", lmsae_register_writers=_register_memory_writer)])
+    summary = generate(reg, corpus, tmp_path / "c", writer={"format": "memory"}, total_tokens=10 * 32)
+    assert summary == {"path": str(tmp_path / "c"), "format": "memory", "shard_index": 0, "written_tokens": 10 * 32}
+    assert not (tmp_path / "c" / "manifest.json").exists()

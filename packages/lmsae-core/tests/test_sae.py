@@ -335,3 +335,23 @@ def test_loader_reports_cross_field_errors_with_paths():
     cfg = reg.structure({"architecture": "sae", "hook_point_in": HOOK, "d_model": 16, "d_sae": 100}, DictionaryConfig)
     assert cfg.n_features == 100
     assert reg.structure(reg.unstructure(cfg), DictionaryConfig) == cfg
+
+
+def test_equal_weights_are_saved_as_identical_bytes(tmp_path):
+    from safetensors import safe_open
+
+    from lmsae.dictionary.io import WEIGHTS_FILE, load_dictionary, save_dictionary
+
+    registry = load_registry(entry_points=False)
+    model = make(top_k=3, act_fn="topk")
+    metadata = {"training": "completed", "note": "x", "a": "y"}
+    saved = [(save_dictionary(model, tmp_path / f"d{i}", registry, metadata=metadata) / WEIGHTS_FILE).read_bytes()
+             for i in range(6)]
+    # safetensors.torch.save_file kept the metadata in a hash map: its order (and the bytes) varied
+    assert all(b == saved[0] for b in saved)
+    back = load_dictionary(tmp_path / "d0", registry)
+    for name, value in model.state_dict().items():
+        assert torch.equal(back.state_dict()[name], value), name
+    with safe_open(str(tmp_path / "d0" / WEIGHTS_FILE), "pt") as f:
+        assert f.metadata() == {"format": "lmsae-dictionary", "lmsae_version": f.metadata()["lmsae_version"],
+                                "architecture": "sae", **metadata}

@@ -321,3 +321,13 @@ def test_two_process_sweep_matches_one_process(lockstep, tmp_path):
         a = load_file(tmp_path / "dist" / item["name"] / "sae_weights.safetensors")
         b = load_file(lockstep["root"] / "sweep" / item["name"] / "sae_weights.safetensors")
         assert all(torch.equal(a[k], b[k]) for k in b), item["name"]
+
+
+def test_a_shared_problem_is_reported_once_not_once_per_item(tmp_path):
+    items = [{"name": f"k{k}", "dictionary": _dictionary(top_k=k)} for k in (2, 3, 4)]
+    data = sweep_config(tmp_path, items)
+    data["trainer"]["n_checkpoints"] = 2
+    problems = _problems(_registry(), data)
+    assert [p for p in problems if "n_checkpoints" in p] == [
+        "$.trainer.n_checkpoints: the sweep task writes no resumable checkpoints; set it to 0 (train an item alone "
+        "with task = 'train' for checkpoints)"]

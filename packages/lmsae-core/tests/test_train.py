@@ -5,20 +5,23 @@ from __future__ import annotations
 import io
 import json
 import pathlib
+from typing import ClassVar
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
+from lmsae.config import config_class
 from lmsae.config.base import RunConfig
 from lmsae.errors import DataError, LmsaeError
 from lmsae.hookspecs import hookimpl
 from lmsae.logging.loggers import read_jsonl_metrics
+from lmsae.records import TrainerSpec
 from lmsae.registry import load_registry
 from lmsae.runtime import RunContext
 from lmsae.sources.synthetic import SyntheticActivations, recovery_fraction
 from lmsae.testing.plugins import fake_entry_points, module
-from lmsae.training.trainer import checkpoint_steps, list_checkpoints
+from lmsae.training.trainer import StandardTrainerConfig, Trainer, checkpoint_steps, list_checkpoints
 
 HOOK = "blocks.0.hook_resid_post"
 
@@ -380,3 +383,51 @@ def test_fused_topk_path_trains_like_the_plain_path(input_bias):
         assert fast.metrics[key] == pytest.approx(value, rel=1e-9, abs=1e-12), key
     torch.testing.assert_close(fast_trainer.tracker.tokens_since_fired, plain_trainer.tracker.tokens_since_fired)
     assert fast.metrics["losses/aux_loss"] > 0
+
+
+@config_class
+class RecordingTrainerConfig(StandardTrainerConfig):
+    """A plugin trainer's config that extends the standard one (same options, its own type)."""
+
+    name: ClassVar[str] = "recording"
+
+
+def test_a_plugin_trainer_whose_config_subclasses_the_standard_one_is_the_one_that_runs(tmp_path):
+    built = []
+
+    def recording_trainer(config, model, **kwargs):
+        built.append(type(config).__name__)
+        return Trainer(config, model, **kwargs)
+
+    @hookimpl
+    def lmsae_register_trainers():
+        return [TrainerSpec(config_class=RecordingTrainerConfig, factory=recording_trainer)]
+
+    reg = load_registry(entry_points=False, plugins=[module("recording", lmsae_register_trainers=lmsae_register_trainers)])
+    data = train_config(tmp_path, tokens=4 * 64, batch=64, trainer={"type": "recording"})
+    assert run_train(reg, data).reason == "completed"
+    assert built == ["RecordingTrainerConfig"]
+
+
+def test_tokens_per_second_of_a_resumed_run_counts_only_its_own_tokens(registry, tmp_path):
+    base = dict(tokens=48 * 128, batch=128, trainer={"n_checkpoints": 4})
+
+    class Crash(Exception):
+        pass
+
+    @hookimpl
+    def lmsae_after_step(trainer, dictionary, step, metrics):
+        if step == 30:
+            raise Crash("simulated kill")
+
+    with pytest.raises(Crash):
+        run_train(load_registry(plugins=[module("crasher", lmsae_after_step=lmsae_after_step)]),
+                  train_config(tmp_path, **base))
+    run_train(registry, train_config(tmp_path, resume=True, **base))  # from the checkpoint of step 24
+    summary = json.loads((tmp_path / "training_summary.json").read_text())
+    assert summary["tokens"] == 48 * 128 and summary["run_tokens"] == (48 - 24) * 128
+    assert summary["tokens_per_second"] * summary["seconds"] == pytest.approx(summary["run_tokens"], rel=0.05)
+
+    run_train(registry, train_config(tmp_path / "fresh", **base))
+    fresh = json.loads((tmp_path / "fresh" / "training_summary.json").read_text())
+    assert fresh["run_tokens"] == fresh["tokens"] == 48 * 128

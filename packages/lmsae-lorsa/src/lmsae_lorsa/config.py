@@ -55,6 +55,9 @@ class LorsaConfig(DictionaryConfig):
     """Low-rank sparse attention: a sparse, feature-per-OV-head replacement of an attention layer."""
 
     name: ClassVar[str] = "lorsa"
+    #: Attention reads whole sequences: every run's activation streams need layout = "sequences"
+    #: (the lorsa_init task's rule; the train task reads this flag to check it with the config).
+    needs_sequences: ClassVar[bool] = True
 
     hook_point_in: str = option(
         doc="Input of the attention layer, read over whole sequences, e.g. 'blocks.3.ln1.hook_normalized'.",

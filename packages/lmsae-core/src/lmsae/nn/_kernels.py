@@ -237,38 +237,51 @@ def _build() -> dict[str, Any]:  # noqa: C901 - the kernels are defined together
                     out_i[r, q] = ci[q]
 
     @njit(parallel=True, nogil=True, cache=_CACHE, boundscheck=False, fastmath=fast)
-    def decode(indices, values, weight, out):
-        """``out[t] += sum_j values[t, j] * weight[indices[t, j]]`` (``out`` holds the bias or 0)."""
+    def decode(indices, values, weight, out, rows_per_block):
+        """``out[t] += sum_j values[t, j] * weight[indices[t, j]]`` (``out`` holds the bias or 0).
+
+        The rows of ``weight`` are taken ``rows_per_block`` at a time (a block that fits in a
+        core's cache, re-read by every token) rather than gathered from memory once per entry."""
         n, k = indices.shape
-        d = weight.shape[1]
-        for t in prange(n):
-            o = out[t]
-            for j in range(k):
-                v = values[t, j]
-                w = weight[indices[t, j]]
-                for c in range(d):
-                    o[c] += v * w[c]
+        n_rows, d = weight.shape
+        for lo in range(0, n_rows, rows_per_block):
+            hi = lo + rows_per_block
+            for t in prange(n):
+                o = out[t]
+                for j in range(k):
+                    f = indices[t, j]
+                    if f >= lo and f < hi:
+                        v = values[t, j]
+                        w = weight[f]
+                        for c in range(d):
+                            o[c] += v * w[c]
 
     @njit(parallel=True, nogil=True, cache=_CACHE, boundscheck=False, fastmath=fast)
-    def sampled_dot(grad, weight, indices, values, extra, out):
-        """``out[t, j] = <grad[t], weight[indices[t, j]]> (+ extra[t, j])``, 0 where ``values[t, j] <= 0``."""
+    def sampled_dot(grad, weight, indices, values, extra, out, rows_per_block):
+        """``out[t, j] = <grad[t], weight[indices[t, j]]> (+ extra[t, j])``, 0 where ``values[t, j] <= 0``
+        (``weight`` read ``rows_per_block`` rows at a time, as in :func:`decode`)."""
         n, k = indices.shape
+        n_rows = weight.shape[0]
         d = grad.shape[1]
         has_extra = extra.shape[0] == n
         zero = np.zeros(1, out.dtype)
-        for t in prange(n):
-            g = grad[t]
-            for j in range(k):
-                if values[t, j] > 0:
-                    w = weight[indices[t, j]]
-                    s = zero[0]
-                    for c in range(d):
-                        s += g[c] * w[c]
-                    if has_extra:
-                        s += extra[t, j]
-                    out[t, j] = s
-                else:
-                    out[t, j] = zero[0]
+        for lo in range(0, n_rows, rows_per_block):
+            hi = lo + rows_per_block
+            for t in prange(n):
+                g = grad[t]
+                for j in range(k):
+                    f = indices[t, j]
+                    if f >= lo and f < hi:
+                        if values[t, j] > 0:
+                            w = weight[f]
+                            s = zero[0]
+                            for c in range(d):
+                                s += g[c] * w[c]
+                            if has_extra:
+                                s += extra[t, j]
+                            out[t, j] = s
+                        else:
+                            out[t, j] = zero[0]
 
     @njit(nogil=True, cache=_CACHE, boundscheck=False)
     def by_feature(indices, n_features, block, crow, order):

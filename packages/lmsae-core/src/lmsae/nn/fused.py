@@ -134,6 +134,9 @@ def _sampled_dot(grad: Tensor, weight: Tensor, indices: Tensor) -> Tensor:
     return out.values().reshape(indices.shape)
 
 
+_GRAD_BLOCK_BYTES = 2 << 20  # operand bytes per token block of the weight gradients (best of 0.5-64 MiB, 2-core CPU)
+
+
 def _compiled(*tensors: Tensor) -> bool:
     """Whether the compiled CPU kernels apply: numba available, CPU float32/float64 tensors."""
     first = tensors[0]
@@ -147,6 +150,18 @@ def _threads() -> int:
     return torch.get_num_threads()
 
 
+_ROW_BLOCK_BYTES = 2 << 20  # decoder rows read per block by the sparse decode / sampled products
+
+
+def _rows_per_block(weight: Tensor, k: int) -> int:
+    """Rows of ``weight`` per block for :func:`_kernels.decode` / ``sampled_dot``: a cache-sized
+    block, unless that takes so many blocks that re-reading the outputs once per block would
+    cost more than gathering each entry's row (about ``k / 4`` blocks): then all rows at once."""
+    n_rows, width = weight.shape
+    rows = max(1, _ROW_BLOCK_BYTES // max(1, width * weight.element_size()))
+    return rows if -(-n_rows // rows) <= max(1, k // 4) else n_rows
+
+
 def _np(t: Tensor) -> np.ndarray:
     return t.detach().contiguous().numpy()
 
@@ -158,7 +173,8 @@ def _decode(indices: Tensor, values: Tensor, weight: Tensor, bias: Tensor | None
             out = bias.detach().expand(n, weight.shape[1]).clone()
         else:
             out = torch.zeros(n, weight.shape[1], dtype=weight.dtype)
-        _kernels.call("decode", _np(indices), _np(values), _np(weight), out.numpy(), threads=_threads())
+        _kernels.call("decode", _np(indices), _np(values), _np(weight), out.numpy(),
+                      _rows_per_block(weight, indices.shape[1]), threads=_threads())
         return out
     out = F.embedding_bag(indices, weight, per_sample_weights=values, mode="sum")
     if bias is not None:
@@ -383,7 +399,8 @@ def _backward_compiled(grad_recon, grad_values, x_in, W_D, indices, values, n_fe
         gv = torch.empty(n, k, dtype=dtype)
         if grad_recon is not None:
             extra = _np(grad_values) if grad_values is not None else np.empty((0, k), dtype=vals.dtype)
-            _kernels.call("sampled_dot", _np(grad_recon), _np(W_D), idx, vals, extra, gv.numpy(), threads=threads)
+            _kernels.call("sampled_dot", _np(grad_recon), _np(W_D), idx, vals, extra, gv.numpy(),
+                          _rows_per_block(W_D, k), threads=threads)
         elif grad_values is not None:
             gv.copy_(grad_values).masked_fill_(values <= 0, 0)
         else:
@@ -391,9 +408,9 @@ def _backward_compiled(grad_recon, grad_values, x_in, W_D, indices, values, n_fe
     want = np.array([grad_recon is not None and need[3], need_enc and need[1], need_enc and (need[2] or need[5])])
     if want.any():
         # token blocks whose rows of grad_recon and x_in (the gathered operands) fit in about
-        # 1 MiB, i.e. stay in a core's cache while every feature reads them
+        # _GRAD_BLOCK_BYTES, i.e. stay in a core's L2 cache while every feature reads them
         row_bytes = (grad_recon.shape[1] if want[0] else 0) + (x_in.shape[1] if want[1] else 0)
-        block = max(64, (1 << 20) // max(1, row_bytes * values.element_size()))
+        block = max(64, _GRAD_BLOCK_BYTES // max(1, row_bytes * values.element_size()))
         n_blocks = -(-n // block)
         crow = np.empty(n_blocks * n_features + 1, dtype=np.int64)
         order = np.empty(n * k, dtype=np.int64)

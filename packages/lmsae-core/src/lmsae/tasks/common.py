@@ -109,9 +109,15 @@ def hook_points_of(model: SparseDictionary) -> tuple[str, ...]:
     return tuple(model.config.hook_points)
 
 
-def training_summary(result: Any, final: dict[str, float], seconds: float) -> dict[str, Any]:
+def training_summary(result: Any, final: dict[str, float], seconds: float, *,
+                     tokens_before: int = 0) -> dict[str, Any]:
     """What a train run (and each sweep item) writes to training_summary.json: the held-out
-    evaluation when there is one, else the last training window; ``result`` is a TrainResult."""
+    evaluation when there is one, else the last training window; ``result`` is a TrainResult.
+
+    ``seconds`` is this process's time and ``tokens_before`` the tokens a resumed run had trained
+    before it started: ``tokens`` counts the whole run, ``run_tokens`` this process's share, and
+    ``tokens_per_second`` is ``run_tokens / seconds`` (a resumed run's earlier tokens took time
+    this process did not measure)."""
     window = result.metrics
     if final:
         source = "held-out evaluation"
@@ -124,7 +130,9 @@ def training_summary(result: Any, final: dict[str, float], seconds: float) -> di
         dead = window.get("metrics/dead_fraction", float("nan"))
         mse = window.get("metrics/mse", float("nan"))
         n_eval = 0.0
+    run_tokens = result.tokens - tokens_before
     return {"reason": result.reason, "message": result.message, "steps": result.steps,
-            "total_steps": result.total_steps, "tokens": result.tokens, "seconds": round(seconds, 2),
-            "tokens_per_second": result.tokens / max(seconds, 1e-9), "metrics_source": source,
+            "total_steps": result.total_steps, "tokens": result.tokens, "run_tokens": run_tokens,
+            "seconds": round(seconds, 2), "tokens_per_second": run_tokens / max(seconds, 1e-9),
+            "metrics_source": source,
             "explained_variance": ev, "l0": l0, "dead_fraction": dead, "mse": mse, "eval_tokens": n_eval}

@@ -17,7 +17,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from lmsae.activations.cache import ActivationWriterConfig, describe_cache
+from lmsae.activations.cache import ActivationWriter, ActivationWriterConfig, describe_cache
 from lmsae.activations.protocol import SourceContext
 from lmsae.config import LanguageModelConfig, RunConfig, SourceConfig, WriterConfig, config_class, option
 from lmsae.config.fields import FieldValueError, non_empty, non_negative, positive
@@ -127,13 +127,19 @@ def run(cfg: GenerateRunConfig, context: RunContext) -> dict[str, Any]:
                     remaining -= _rows(chunk) * context_size
                 writer.write(chunk)
                 written += int(chunk["tokens"].numel())
+                if remaining is not None and remaining <= 0:
+                    break  # before the source runs the model on a batch that would be thrown away
             to_skip = chunks.left
             if remaining is not None and remaining <= 0:
                 break
     seconds = time.monotonic() - start
-    summary = describe_cache(cfg.output_dir)
     context.echo(f"wrote {written:,} token positions in {seconds:.1f}s "
                  f"({written / max(seconds, 1e-9):,.0f} tokens/s) to {cfg.output_dir}")
+    if not isinstance(writer, ActivationWriter):
+        # another cache format: describe_cache reads the core format's manifest only
+        return {"path": str(cfg.output_dir), "format": cfg.writer.name, "shard_index": cfg.shard_index,
+                "written_tokens": written}
+    summary = describe_cache(cfg.output_dir)
     context.echo(f"cache: {summary['sequences']:,} sequences, {summary['tokens']:,} tokens "
                  f"({summary['unmasked_tokens']:,} unmasked), hook points {', '.join(summary['hook_points'])}, "
                  f"{summary['bytes'] / 2**20:,.1f} MiB" + (

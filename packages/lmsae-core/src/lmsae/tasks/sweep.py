@@ -284,7 +284,8 @@ def _validate(cfg: SweepRunConfig) -> list[str]:
     if dist_cfg.sweep > len(cfg.items):
         problems.append(f"$.distributed.sweep: {dist_cfg.sweep} sweep processes for {len(cfg.items)} item(s) would "
                         "leave a process without an item; use at most the number of items")
-    return problems
+    # a problem of a shared table ($.trainer, $.activations...) is found once per item: report it once
+    return list(dict.fromkeys(problems))
 
 
 def item_train_config(cfg: SweepRunConfig, index: int) -> Any:

@@ -133,6 +133,14 @@ class TrainRunConfig(RunConfig):
         if data > 1 and self.activations.batch_size % data:
             raise FieldValueError("activations", f"batch_size = {self.activations.batch_size} (the global batch) "
                                                  f"does not split over [distributed] data = {data} ranks")
+        if self.dictionary is not None and getattr(self.dictionary, "needs_sequences", False):
+            # an architecture config can say so (ClassVar needs_sequences, as Lorsa's does), so that a
+            # 'tokens' stream fails here rather than after the dataset norms are estimated
+            for key in ("activations", "eval_activations"):
+                stream = getattr(self, key)
+                if stream is not None and stream.layout != "sequences":
+                    raise ConfigError([(f"$.{key}.layout: architecture {self.dictionary.name!r} reads whole "
+                                        f"sequences (got layout = {stream.layout!r}): set layout = \"sequences\"")])
         if self.initializer.from_language_model:
             if self.pretrained is not None:
                 raise FieldValueError("initializer", "from_language_model = true initialises a new dictionary; "
@@ -178,10 +186,8 @@ def run(cfg: TrainRunConfig, context: RunContext) -> TrainResult:
     checkpoint = _check_output_dir(cfg)
     device = resolve_device(cfg.device)
     dtype = DTYPES[cfg.dtype]
-    if not isinstance(cfg.trainer, StandardTrainerConfig):
-        trainer_spec = registry.get("trainer", cfg.trainer.name)
-    else:
-        trainer_spec = registry.get("trainer", "standard")
+    # the [trainer] type chooses the trainer, even when its config subclasses the standard one
+    trainer_spec = registry.get("trainer", cfg.trainer.name)
     dict_config = cfg.dictionary_config(registry)
     hooks = tuple(dict_config.hook_points)
     mesh = build_mesh(cfg.distributed, device)
@@ -223,7 +229,7 @@ def run(cfg: TrainRunConfig, context: RunContext) -> TrainResult:
                                    "initialise from a language model (it has no initialize_from_language_model)"])
         trainer_state = stream_state = None
         need_norms = model.config.normalization == "dataset" and not model.config.dataset_norms
-        n_calib = cfg.trainer.calibration_batches if isinstance(cfg.trainer, StandardTrainerConfig) else 8
+        n_calib = getattr(cfg.trainer, "calibration_batches", 8)
         calibration = take(make_calibration(), n_calib if need_norms else 1)
         if not calibration:
             raise LmsaeError("the activation stream is empty")
@@ -280,6 +286,7 @@ def run(cfg: TrainRunConfig, context: RunContext) -> TrainResult:
     if trainer_state is not None:
         trainer.load_state_dict(trainer_state)
         stream.load_state_dict(stream_state)
+    tokens_before = int(trainer_state["tokens"]) if trainer_state is not None else 0
     try:
         try:
             result = trainer.fit(stream, resumed=trainer_state is not None, stream_state=stream.state_dict)
@@ -291,7 +298,7 @@ def run(cfg: TrainRunConfig, context: RunContext) -> TrainResult:
         if not primary:
             return result
         final = evaluate_reconstruction(whole, make_eval(), eval_tokens, device=device) if make_eval else {}
-        summary = training_summary(result, final, time.monotonic() - start)
+        summary = training_summary(result, final, time.monotonic() - start, tokens_before=tokens_before)
         loggers.log_summary(summary)
         saved = copy.deepcopy(whole).cpu()
         if cfg.fold_normalization and saved.config.normalization == "dataset":
@@ -348,30 +355,72 @@ def _print_summary(context: RunContext, s: dict[str, Any], out: pathlib.Path) ->
     context.echo(f"saved dictionary to {out} (config.json + sae_weights.safetensors)")
 
 
-def example(registry: Any, architecture: str | None = None) -> TrainRunConfig:
-    """A small, complete training config on the synthetic source."""
-    from lmsae.sources.synthetic_source import SyntheticSourceConfig
+#: The language model of ``lmsae config example`` for architectures that read more hook points than
+#: the synthetic source provides (one input, one output): SmolLM2-135M, the model of the other
+#: examples, whose residual-stream hook points (resid, ln*.hook_normalized, attn_out, mlp_out) are
+#: all 576 wide (lmsae.models.smollm2).
+_EXAMPLE_MODEL, _EXAMPLE_MODEL_WIDTH = "smollm2-135m", 576
 
+
+def example(registry: Any, architecture: str | None = None) -> TrainRunConfig:
+    """A small, complete training config for ``architecture`` (default ``sae``).
+
+    The architecture's own ``example_config()`` trains on the synthetic source when that can
+    produce its hook points (at most two: inputs, then targets of another width if need be).
+    Architectures that read more (a cross-layer transcoder) train on SmolLM2's activations over
+    the built-in corpus instead, with the example's ``d_model`` set to the model's width.
+    """
     names = registry.names("architecture")
     arch = architecture or "sae"
     if arch not in names:
         raise LmsaeError(registry.unknown_message("architecture", arch))
-    dictionary = registry.architecture(arch).example_config()
+    spec = registry.architecture(arch)
+    dictionary = spec.example_config()
+    sequences = bool(getattr(spec.model_class, "needs_sequences", False))
     hooks = dictionary.hook_points
-    d = registry.architecture(arch).model_class(dictionary).hook_dims()
-    if len(set(d.values())) != 1 or len(hooks) > 2:
-        raise LmsaeError(f"architecture {arch!r} needs a hand-written activations section (several hook widths)")
-    width = next(iter(d.values()))
-    sequences = bool(getattr(registry.architecture(arch).model_class, "needs_sequences", False))
-    source = SyntheticSourceConfig(d_model=width, n_features=4 * width, mean_active=4.0, hook_point=hooks[0],
-                                   hook_point_out=hooks[1] if len(hooks) > 1 else None,
-                                   context_size=16 if sequences else None, batch_size=64 if sequences else 1024)
-    activations = (ActivationsConfig(sources=[source], layout="sequences", batch_size=64) if sequences
-                   else ActivationsConfig(sources=[source], batch_size=1024))
+    if len(hooks) <= 2:
+        dims = spec.model_class(dictionary).hook_dims()
+        return TrainRunConfig(dictionary=dictionary,
+                              activations=_synthetic_activations(hooks, dims, sequences),
+                              trainer=StandardTrainerConfig(total_training_tokens=1_000_000),
+                              output_dir=pathlib.Path(f"runs/{arch}"))
+
+    from lmsae.data.datasets import DatasetConfig
+    from lmsae.models.transformer_lens import TransformerLensConfig
+    from lmsae.sources.text_source import TextSourceConfig
+
+    if "d_model" in attrs.fields_dict(type(dictionary)):
+        dictionary = attrs.evolve(dictionary, d_model=_EXAMPLE_MODEL_WIDTH)
+    dims = spec.model_class(dictionary).hook_dims()
+    if set(dims.values()) != {_EXAMPLE_MODEL_WIDTH}:
+        raise LmsaeError(f"architecture {arch!r} reads {len(hooks)} hook points (the synthetic source provides at "
+                         f"most two) and its example config does not fit {_EXAMPLE_MODEL}'s width "
+                         f"{_EXAMPLE_MODEL_WIDTH}: write the [dictionary] and [activations] tables by hand")
+    text = TextSourceConfig(dataset=DatasetConfig(path="builtin:python-docs"), context_size=128, model_batch_size=16)
+    # prefetch = 0: no background thread may run the shared language model while the calibration
+    # pass or the trainer's stream uses it (TransformerLens hooks are not thread-safe)
+    activations = ActivationsConfig(sources=[text], layout="sequences" if sequences else "tokens",
+                                    batch_size=16 if sequences else 1024, prefetch=0)
     return TrainRunConfig(dictionary=dictionary,
                           activations=activations,
-                          trainer=StandardTrainerConfig(total_training_tokens=1_000_000),
+                          model=TransformerLensConfig(model=_EXAMPLE_MODEL),
+                          trainer=StandardTrainerConfig(total_training_tokens=100_000),
                           output_dir=pathlib.Path(f"runs/{arch}"))
+
+
+def _synthetic_activations(hooks: tuple[str, ...], dims: dict[str, int], sequences: bool) -> ActivationsConfig:
+    """Synthetic activations at one hook point, or at an input and a target hook point (of any widths)."""
+    from lmsae.sources.synthetic_source import SyntheticSourceConfig
+
+    width = dims[hooks[0]]
+    out = hooks[1] if len(hooks) > 1 else None
+    d_out = dims[out] if out is not None and dims[out] != width else None
+    source = SyntheticSourceConfig(d_model=width, n_features=4 * width, mean_active=4.0, hook_point=hooks[0],
+                                   hook_point_out=out, d_out=d_out, context_size=16 if sequences else None,
+                                   batch_size=64 if sequences else 1024)
+    if sequences:
+        return ActivationsConfig(sources=[source], layout="sequences", batch_size=64)
+    return ActivationsConfig(sources=[source], batch_size=1024)
 
 
 SPEC = TaskSpec(config_class=TrainRunConfig, factory=run, example=example, summary="train a sparse dictionary")
