@@ -3,11 +3,14 @@ a naive per-element loop, its eval/train swap and exact resume; gradient clippin
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 
 import pytest
 import torch
+
+from lmsae.nn import _kernels
 
 from lmsae.training.optim import (
     OPTIMIZERS,
@@ -294,7 +297,7 @@ def _lrs(n):
 
 
 @pytest.mark.parametrize(("beta", "weight_decay", "power"), [(0.9, 0.0, 2.0), (0.5, 0.1, 2.0), (0.0, 0.0, 0.0)])
-def test_signsgd_schedulefree_matches_naive_per_element_loop(beta, weight_decay, power):
+def test_signsgd_schedulefree_matches_naive_per_element_loop(beta, weight_decay, power, sf_path):
     gen = torch.Generator().manual_seed(0)
     shape = (6, 5)
     param = torch.nn.Parameter(torch.randn(shape, generator=gen, dtype=torch.float64))
@@ -316,7 +319,7 @@ def test_signsgd_schedulefree_matches_naive_per_element_loop(beta, weight_decay,
     assert torch.allclose(param.detach().flatten(), torch.tensor(ref.x, dtype=torch.float64), rtol=0, atol=1e-12)
 
 
-def test_signsgd_schedulefree_uniform_average_with_constant_lr():
+def test_signsgd_schedulefree_uniform_average_with_constant_lr(sf_path):
     """Constant lr: c_{t+1} = 1/t, so x is the plain mean of the iterates z_2..z_{T+1}."""
     p = torch.nn.Parameter(torch.tensor([0.0, 1.0], dtype=torch.float64))
     opt = SignSGDScheduleFree([p], lr=0.1, beta=0.9)
@@ -329,7 +332,7 @@ def test_signsgd_schedulefree_uniform_average_with_constant_lr():
     torch.testing.assert_close(opt.state[p]["z"], torch.tensor([-0.7, 1.7], dtype=torch.float64), rtol=0, atol=1e-14)
 
 
-def test_signsgd_schedulefree_eval_train_swap_is_exact():
+def test_signsgd_schedulefree_eval_train_swap_is_exact(sf_path):
     gen = torch.Generator().manual_seed(1)
     p = torch.nn.Parameter(torch.randn(4, 3, generator=gen))
     untouched = torch.nn.Parameter(torch.randn(2, generator=gen))  # never gets a gradient
@@ -364,7 +367,7 @@ def _sf_run(param, opt, grads, lrs):
 
 
 @pytest.mark.parametrize("save_in_eval_mode", [True, False])
-def test_signsgd_schedulefree_exact_resume_through_flat_state(save_in_eval_mode):
+def test_signsgd_schedulefree_exact_resume_through_flat_state(save_in_eval_mode, sf_path):
     from lmsae.training.state_io import optimizer_state_from_flat, optimizer_state_to_flat
 
     gen = torch.Generator().manual_seed(2)
@@ -399,7 +402,7 @@ def test_signsgd_schedulefree_exact_resume_through_flat_state(save_in_eval_mode)
     assert opt2.param_groups[0]["weight_sum"] == opt.param_groups[0]["weight_sum"]
 
 
-def test_signsgd_schedulefree_follows_group_lr_and_skips_params_without_grad():
+def test_signsgd_schedulefree_follows_group_lr_and_skips_params_without_grad(sf_path):
     a = torch.nn.Parameter(torch.ones(3))
     b = torch.nn.Parameter(torch.ones(3))
     opt = SignSGDScheduleFree([{"params": [a]}, {"params": [b], "lr": 0.0}], lr=0.1, beta=0.0)
@@ -412,7 +415,7 @@ def test_signsgd_schedulefree_follows_group_lr_and_skips_params_without_grad():
     assert torch.equal(b.detach(), torch.ones(3))  # lr 0 in its group (weight 0: x stays)
 
 
-def test_signsgd_schedulefree_trains_a_least_squares_problem():
+def test_signsgd_schedulefree_trains_a_least_squares_problem(sf_path):
     gen = torch.Generator().manual_seed(3)
     a = torch.randn(64, 8, generator=gen)
     target = torch.randn(8, generator=gen)
@@ -440,3 +443,34 @@ def test_signsgd_schedulefree_bad_hyperparameters_and_closure():
     for kwargs in ({"lr": -1.0}, {"beta": 1.0}, {"beta": -0.1}, {"weight_decay": -0.1}, {"weight_lr_power": -1.0}):
         with pytest.raises(ValueError):
             SignSGDScheduleFree([torch.nn.Parameter(torch.zeros(1))], **({"lr": 0.1} | kwargs))
+
+
+@pytest.fixture(params=["compiled", "torch"])
+def sf_path(request):
+    """The schedule-free update with the one-pass compiled kernel and with the PyTorch ops."""
+    if request.param == "compiled":
+        assert _kernels.available(), _kernels.unavailable_reason()
+        yield request.param
+    else:
+        with _kernels.disabled():
+            yield request.param
+
+
+def test_signsgd_schedulefree_compiled_step_equals_torch_ops():
+    g = torch.Generator().manual_seed(3)
+    init = torch.randn(50, 7, dtype=torch.float64, generator=g)
+    grads = [torch.randn(50, 7, dtype=torch.float64, generator=g) for _ in range(5)]
+    grads[2][0, 0] = 0.0
+    out = {}
+    for path in ("compiled", "torch"):
+        p = torch.nn.Parameter(init.clone())
+        opt = SignSGDScheduleFree([p], lr=0.01, beta=0.9, weight_decay=0.01)
+        ctx = _kernels.disabled() if path == "torch" else contextlib.nullcontext()
+        with ctx:
+            for grad in grads:
+                p.grad = grad.clone()
+                opt.step()
+            opt.eval()
+        out[path] = (p.detach().clone(), opt.state[p]["z"].clone())
+    torch.testing.assert_close(out["compiled"][0], out["torch"][0], atol=1e-14, rtol=1e-12)
+    torch.testing.assert_close(out["compiled"][1], out["torch"][1], atol=1e-14, rtol=1e-12)

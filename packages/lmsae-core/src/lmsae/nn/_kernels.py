@@ -21,7 +21,7 @@ import threading
 from collections.abc import Iterator
 from typing import Any
 
-_LOCK = threading.Lock()  # numba's default "workqueue" layer must not be entered by two threads at once
+_LOCK = threading.Lock()  # numba's "workqueue" layer must not be entered by two threads at once
 _STATE: dict[str, Any] = {}
 
 
@@ -74,6 +74,25 @@ def call(name: str, *args: Any, threads: int = 1) -> Any:
         return kernel(*args)
 
 
+def _threading_layer() -> str:
+    """numba's thread pool for the kernels, measured on 2-core CPUs (benchmarks/topk_step.py).
+
+    OpenMP ("omp") scales the kernels best (2 threads: 1.9-2x for the selection, 1.7x for the
+    backward, against 1.0-1.3x with numba's own "workqueue" pool), but it is a second OpenMP
+    runtime next to PyTorch's: with spinning waits (the libgomp default) the two teams fight for
+    the cores and a Trainer step ran 1.7-2x slower. So "omp" only when OpenMP threads wait
+    passively (``OMP_WAIT_POLICY=PASSIVE``, which ``import lmsae`` before torch and the CLI set),
+    else "workqueue". Override with ``NUMBA_THREADING_LAYER``."""
+    if os.environ.get("OMP_WAIT_POLICY", "").strip().upper() == "PASSIVE":
+        try:
+            from numba.np.ufunc import omppool  # noqa: F401  (present when numba has OpenMP)
+
+            return "omp"
+        except ImportError:
+            pass
+    return "workqueue"
+
+
 def _build() -> dict[str, Any]:  # noqa: C901 - the kernels are defined together on purpose
     import numba
     import numpy as np
@@ -82,12 +101,8 @@ def _build() -> dict[str, Any]:  # noqa: C901 - the kernels are defined together
 
     entrypoints.init_all()  # numba's own extension lookup, done now rather than at the first compile
     if "NUMBA_THREADING_LAYER" not in os.environ:
-        # numba's own thread pool rather than a second OpenMP runtime next to PyTorch's: two
-        # OpenMP teams spinning for the same cores made the Trainer step 1.7-2x slower on a 2-core
-        # CPU (benchmarks/training.py); kernel launches are serialised by _LOCK, as it requires.
-        # (An environment variable: numba re-reads its configuration from it when compiling.)
-        os.environ["NUMBA_THREADING_LAYER"] = "workqueue"
-        numba.config.reload_config()
+        os.environ["NUMBA_THREADING_LAYER"] = _threading_layer()
+        numba.config.reload_config()  # numba re-reads its configuration from the environment
 
     _CACHE = os.environ.get("LMSAE_NUMBA_CACHE", "1") != "0"  # noqa: N806
     fast = {"reassoc", "contract"}  # vectorised sums; no "nnan"/"ninf": NaN handling stays IEEE
@@ -181,12 +196,25 @@ def _build() -> dict[str, Any]:  # noqa: C901 - the kernels are defined together
                 row = pre[r]
                 for c in range(nb):
                     bm[c] = row[c]
-                for i in range(1, b):
-                    base = i * nb
+                # two segments per sweep over bm (half the loads and stores of bm: 2.6x faster
+                # than one at a time); "+ (v1 + v2) * 0" lets NaN/inf reach bm
+                i = 1
+                while i + 1 < b:
+                    b1 = i * nb
+                    b2 = b1 + nb
                     for c in range(nb):
-                        v = row[base + c]
+                        v1 = row[b1 + c]
+                        v2 = row[b2 + c]
+                        v = v1 if v1 > v2 else v2
                         m = bm[c]
-                        bm[c] = (v if v > m else m) + v * zero  # + v * 0: NaN/inf reach bm
+                        bm[c] = (v if v > m else m) + (v1 + v2) * zero
+                    i += 2
+                if i < b:
+                    b1 = i * nb
+                    for c in range(nb):
+                        v = row[b1 + c]
+                        m = bm[c]
+                        bm[c] = (v if v > m else m) + v * zero
                 if not_finite(bm, zero) or not_finite(row[:nb], zero):
                     bad[r] = True
                     continue
@@ -248,13 +276,25 @@ def _build() -> dict[str, Any]:  # noqa: C901 - the kernels are defined together
             hi = lo + rows_per_block
             for t in prange(n):
                 o = out[t]
+                pending = -1  # entries are added two at a time: half the loads/stores of o
                 for j in range(k):
                     f = indices[t, j]
                     if f >= lo and f < hi:
-                        v = values[t, j]
-                        w = weight[f]
+                        if pending < 0:
+                            pending = j
+                            continue
+                        v0 = values[t, pending]
+                        w0 = weight[indices[t, pending]]
+                        v1 = values[t, j]
+                        w1 = weight[f]
                         for c in range(d):
-                            o[c] += v * w[c]
+                            o[c] += v0 * w0[c] + v1 * w1[c]
+                        pending = -1
+                if pending >= 0:
+                    v0 = values[t, pending]
+                    w0 = weight[indices[t, pending]]
+                    for c in range(d):
+                        o[c] += v0 * w0[c]
 
     @njit(parallel=True, nogil=True, cache=_CACHE, boundscheck=False, fastmath=fast)
     def sampled_dot(grad, weight, indices, values, extra, out, rows_per_block):
@@ -331,24 +371,126 @@ def _build() -> dict[str, Any]:  # noqa: C901 - the kernels are defined together
                     for c in range(d_in):
                         e[c] = 0.0
                 sb = 0.0
-                for q in range(crow[key], crow[key + 1]):
-                    p = order[q]
-                    t = p // k
-                    j = p - t * k
-                    v = values[t, j]
-                    gr = grad_recon[t]
+                q = crow[key]
+                end = crow[key + 1]
+                while q + 1 < end:  # two entries at a time: half the loads/stores of a and e
+                    p0 = order[q]
+                    t0 = p0 // k
+                    j0 = p0 - t0 * k
+                    p1 = order[q + 1]
+                    t1 = p1 // k
+                    j1 = p1 - t1 * k
+                    v0 = values[t0, j0]
+                    v1 = values[t1, j1]
+                    g0 = grad_recon[t0]
+                    g1 = grad_recon[t1]
                     for c in range(d_out):
-                        a[c] += v * gr[c]
-                    gv = grad_values[t, j]
-                    sb += gv
-                    xr = x_in[t]
+                        a[c] += v0 * g0[c] + v1 * g1[c]
+                    gv0 = grad_values[t0, j0]
+                    gv1 = grad_values[t1, j1]
+                    sb += gv0 + gv1
+                    x0 = x_in[t0]
+                    x1 = x_in[t1]
                     for c in range(d_in):
-                        e[c] += gv * xr[c]
+                        e[c] += gv0 * x0[c] + gv1 * x1[c]
+                    q += 2
+                if q < end:
+                    p0 = order[q]
+                    t0 = p0 // k
+                    j0 = p0 - t0 * k
+                    v0 = values[t0, j0]
+                    g0 = grad_recon[t0]
+                    for c in range(d_out):
+                        a[c] += v0 * g0[c]
+                    gv0 = grad_values[t0, j0]
+                    sb += gv0
+                    x0 = x_in[t0]
+                    for c in range(d_in):
+                        e[c] += gv0 * x0[c]
                 if first:
                     g_be[f] = sb
                 else:
                     g_be[f] += sb
 
+    @njit(parallel=True, nogil=True, cache=_CACHE, boundscheck=False, fastmath=fast)
+    def recon_stats(rec, lab, vals, keep, per_token, colsum):
+        """Per kept token ``t`` (``keep[t]``; zeros for the others), in float64, ``per_token[t]`` =
+        ``(||e||^2, ||y||^2, ||e||, ||y||, ||x|| / max(||y||, 1e-30), l0, sum of activations)`` with
+        ``x = rec[t]``, ``y = lab[t]``, ``e = x - y``, the activations ``vals[t]`` (``(tokens, k)``);
+        ``colsum[ch]`` sums the kept label rows of chunk ``ch`` (``colsum.shape[0]`` chunks of
+        tokens, in parallel)."""
+        n, d = rec.shape
+        k = vals.shape[1]
+        chunks = colsum.shape[0]
+        for ch in prange(chunks):
+            r0 = ch * n // chunks
+            r1 = (ch + 1) * n // chunks
+            for t in range(r0, r1):
+                e = 0.0
+                ys = 0.0
+                xs = 0.0
+                l0 = 0.0
+                act = 0.0
+                if keep[t]:
+                    for c in range(d):
+                        y = np.float64(lab[t, c])
+                        x = np.float64(rec[t, c])
+                        e += (x - y) * (x - y)
+                        ys += y * y
+                        xs += x * x
+                    for c in range(d):
+                        colsum[ch, c] += lab[t, c]
+                    for j in range(k):
+                        v = np.float64(vals[t, j])
+                        l0 += v > 0
+                        act += v
+                per_token[t, 0] = e
+                per_token[t, 1] = ys
+                per_token[t, 2] = np.sqrt(e)
+                per_token[t, 3] = np.sqrt(ys)
+                per_token[t, 4] = np.sqrt(xs) / max(np.sqrt(ys), 1e-30)
+                per_token[t, 5] = l0
+                per_token[t, 6] = act
+
+    @njit(nogil=True, cache=_CACHE, boundscheck=False)
+    def count_fired(indices, vals, keep, counts):
+        """``counts[f] += 1`` for every kept token and slot with ``indices[t, j] == f`` and
+        ``vals[t, j] > 0`` (``counts`` float64, zeroed by the caller)."""
+        n, k = indices.shape
+        for t in range(n):
+            if keep[t]:
+                for j in range(k):
+                    if vals[t, j] > 0:
+                        counts[indices[t, j]] += 1.0
+
+    @njit(parallel=True, nogil=True, cache=_CACHE, boundscheck=False)
+    def signsgd_sf_step(p, g, z, x, lr, weight_decay, c, beta):
+        """One schedule-free sign-SGD update of flat parameters, in one pass (see
+        :class:`lmsae.training.optim.SignSGDScheduleFree`): ``z -= lr (wd y + sign(g))``,
+        ``x += c (z - x)``, ``y = z + beta (x - z)`` written into ``p`` (``y`` from the stored,
+        rounded ``z`` and ``x``, exactly as :func:`interpolate` computes it)."""
+        for i in prange(p.shape[0]):
+            gi = g[i]
+            s = gi if gi != gi else (1.0 if gi > 0 else (-1.0 if gi < 0 else 0.0))  # sign, NaN kept
+            zi = z[i]
+            if weight_decay != 0.0:
+                z[i] = zi - lr * weight_decay * p[i]
+                zi = z[i]
+            z[i] = zi - lr * s
+            zi = z[i]
+            xi = x[i]
+            x[i] = xi + c * (zi - xi)
+            xi = x[i]
+            p[i] = zi + beta * (xi - zi)
+
+    @njit(parallel=True, nogil=True, cache=_CACHE, boundscheck=False)
+    def interpolate(p, z, x, beta):
+        """``p = z + beta (x - z)`` elementwise (flat arrays)."""
+        for i in prange(p.shape[0]):
+            zi = z[i]
+            p[i] = zi + beta * (x[i] - zi)
+
     del numba
     return {"select_rows": select_rows, "top_front": top_front, "decode": decode, "sampled_dot": sampled_dot,
-            "by_feature": by_feature, "feature_grads": feature_grads}
+            "by_feature": by_feature, "feature_grads": feature_grads, "recon_stats": recon_stats,
+            "count_fired": count_fired, "signsgd_sf_step": signsgd_sf_step, "interpolate": interpolate}

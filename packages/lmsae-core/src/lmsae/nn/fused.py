@@ -62,6 +62,7 @@ from lmsae.nn import _kernels
 
 __all__ = [
     "auxk_sae_forward",
+    "squared_error_loss",
     "sparse_batch_statistics",
     "topk_sae_forward",
     "topk_select",
@@ -433,6 +434,52 @@ def _backward_compiled(grad_recon, grad_values, x_in, W_D, indices, values, n_fe
     return gv, g_W_E, g_b_E, g_W_D
 
 
+class _SquaredError(torch.autograd.Function):
+    """Masked mean over tokens of ``||recon_t - label_t||^2`` with a one-pass backward."""
+
+    @staticmethod
+    def forward(ctx, recon: Tensor, label: Tensor, weight: Tensor | None):  # type: ignore[override]
+        diff = recon - label
+        per_token = torch.linalg.vecdot(diff, diff)
+        if weight is None:
+            loss = per_token.mean()
+            scale = None
+        else:
+            # as lmsae.nn.axes.masked_token_mean: masked-out tokens cannot leak NaN/inf in
+            keep = weight != 0
+            den = weight.sum()
+            loss = torch.where(keep, per_token * weight, torch.zeros_like(per_token)).sum()
+            loss = torch.where(den > 0, loss / torch.where(den > 0, den, torch.ones_like(den)), torch.zeros_like(loss))
+            scale = torch.where(keep, weight, torch.zeros_like(weight)) / torch.where(den > 0, den, torch.ones_like(den))
+        ctx.save_for_backward(diff, scale)
+        ctx.n = per_token.shape[0]
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        diff, scale = ctx.saved_tensors
+        if scale is None:
+            g = diff.mul_(grad * (2.0 / max(ctx.n, 1)))  # the saved difference is not needed again
+        else:
+            g = diff.mul_((2.0 * grad) * scale.unsqueeze(1))
+            g = torch.where(scale.unsqueeze(1) != 0, g, torch.zeros_like(g))  # 0 * inf = NaN stays out
+        need_recon, need_label, _ = ctx.needs_input_grad
+        return (g if need_recon else None), (-g if need_label else None), None
+
+
+def squared_error_loss(recon: Tensor, label: Tensor, mask: Tensor | None = None) -> Tensor:
+    """:func:`lmsae.nn.losses.reconstruction_loss` for ``(*tokens, d)`` tensors with a ``tokens``
+    mask: the masked mean over tokens of the squared error summed over ``d``, with a backward that
+    is one pass over the saved difference (autograd's takes three or four)."""
+    if recon.shape != label.shape:
+        raise ShapeError(f"reconstruction has shape {tuple(recon.shape)} but label has shape {tuple(label.shape)}")
+    d = recon.shape[-1]
+    if mask is not None and tuple(mask.shape) != tuple(recon.shape[:-1]):
+        raise ShapeError(f"mask has shape {tuple(mask.shape)}, expected the token shape {tuple(recon.shape[:-1])}")
+    weight = mask.reshape(-1).to(recon.dtype) if mask is not None else None
+    return _SquaredError.apply(recon.reshape(-1, d), label.reshape(-1, d), weight)
+
+
 def _flatten(x: Tensor, width: int, name: str) -> tuple[Tensor, tuple[int, ...]]:
     if x.ndim < 1 or x.shape[-1] != width:
         raise ShapeError(f"{name}: expected (..., {width}), got shape {tuple(x.shape)}")
@@ -524,6 +571,36 @@ def auxk_sae_forward(x: Tensor, W_E: Tensor, b_E: Tensor, W_D: Tensor, pre: Tens
     return recon.reshape(*lead, W_D.shape[1]), indices.reshape(*lead, kk), values.reshape(*lead, kk)
 
 
+def _compiled_statistics(vals: Tensor, rec: Tensor, lab: Tensor, flat_mask: Tensor | None) -> dict[str, Tensor]:
+    """The statistics of :func:`lmsae.training.metrics.batch_statistics` (but ``feature_count``)
+    from one compiled pass over the reconstruction, the label and the ``(tokens, k)`` activation
+    values, accumulating in float64; the label variance is ``sum ||y_t||^2 - n ||mean y||^2``
+    (float64 sums: no cancellation worth speaking of at float32 inputs)."""
+    n_rows = rec.shape[0]
+    keep = (flat_mask != 0) if flat_mask is not None else torch.ones(n_rows, dtype=torch.bool)
+    threads = _threads()
+    chunks = max(1, min(n_rows, 4 * threads))
+    per_token = torch.empty(n_rows, 7, dtype=torch.float64)
+    colsum = torch.zeros(chunks, rec.shape[1], dtype=torch.float64)
+    _kernels.call("recon_stats", rec.numpy(), lab.numpy(), _np(vals), keep.numpy(), per_token.numpy(),
+                  colsum.numpy(), threads=threads)
+    n = int(keep.sum())
+    sq_err, y_sq, l2_error, label_norm, l2_ratio, l0, act_sum = per_token.sum(0).unbind()
+    var = y_sq - colsum.sum(0).square().sum() / max(n, 1)
+    zero = torch.zeros((), dtype=torch.float64)
+    return {
+        "n_tokens": torch.tensor(float(n), dtype=torch.float64),
+        "sq_err": sq_err,
+        "explained_variance": (1 - sq_err / var.clamp_min(1e-30)) if n > 1 else zero,
+        "l0": l0,
+        "l2_error": l2_error,
+        "label_norm": label_norm,
+        "l2_ratio": l2_ratio,
+        "act_sum": act_sum,
+        "act_count": l0.clone(),
+    }
+
+
 @torch.no_grad()
 def sparse_batch_statistics(indices: Tensor, values: Tensor, recon: Tensor, label: Tensor, mask: Tensor | None,
                             n_features: int) -> dict[str, Tensor]:
@@ -545,6 +622,13 @@ def sparse_batch_statistics(indices: Tensor, values: Tensor, recon: Tensor, labe
     rec = recon.detach().reshape(-1, recon.shape[-1])
     lab = label.detach().reshape(-1, label.shape[-1])
     flat_mask = mask.reshape(-1) if mask is not None else None
+    if _compiled(rec, lab) and rec.is_contiguous() and lab.is_contiguous():
+        stats = _compiled_statistics(vals, rec, lab, flat_mask)
+        keep = (flat_mask != 0) if flat_mask is not None else torch.ones(rec.shape[0], dtype=torch.bool)
+        counts = torch.zeros(n_features, dtype=torch.float64)
+        _kernels.call("count_fired", _np(idx), _np(vals), keep.numpy(), counts.numpy())
+        stats["feature_count"] = counts
+        return stats
     # the reconstruction terms and l0/act_sum/act_count depend on the values only, not on where
     # they sit: reuse the dense definition on the (tokens, k) values
     stats = batch_statistics(vals, ("batch", "sae"), rec, lab, ("batch", "d_model"), flat_mask)

@@ -232,10 +232,29 @@ class SignSGDScheduleFree(torch.optim.Optimizer):
         super().__init__(params, defaults)
 
     @staticmethod
-    def _interpolate(z: torch.Tensor, x: torch.Tensor, beta: float, out: torch.Tensor) -> None:
+    def _compiled(*tensors: torch.Tensor) -> bool:
+        """Whether the one-pass compiled update applies (CPU, float32/float64, contiguous, numba)."""
+        from lmsae.nn import _kernels
+
+        first = tensors[0]
+        return (first.device.type == "cpu" and first.dtype in (torch.float32, torch.float64)
+                and all(t.device.type == "cpu" and t.dtype == first.dtype and t.is_contiguous() for t in tensors)
+                and _kernels.available())
+
+    @classmethod
+    def _interpolate(cls, z: torch.Tensor, x: torch.Tensor, beta: float, out: torch.Tensor) -> None:
         """``out = y = (1 - beta) z + beta x``; the one formula used by both step() and train()
-        (written straight into the parameter: no temporary, no copy)."""
-        torch.lerp(z, x, beta, out=out)
+        (written straight into the parameter: no temporary, no copy). On the CPU with the compiled
+        kernels it is ``z + beta (x - z)``, as the compiled step computes it; else ``torch.lerp``.
+        (Both are exact to the last bit within one process; resuming where the other one applies
+        can differ by rounding.)"""
+        if cls._compiled(out, z, x):
+            from lmsae.nn import _kernels
+
+            _kernels.call("interpolate", out.view(-1).numpy(), z.view(-1).numpy(), x.view(-1).numpy(), float(beta),
+                          threads=torch.get_num_threads())
+        else:
+            torch.lerp(z, x, beta, out=out)
 
     @torch.no_grad()
     def eval(self) -> None:
@@ -303,11 +322,19 @@ class SignSGDScheduleFree(torch.optim.Optimizer):
                     state["z"] = p.detach().clone(memory_format=torch.contiguous_format)
                     state["x"] = p.detach().clone(memory_format=torch.contiguous_format)
                 z, x = state["z"], state["x"]
+                y = p.detach()
+                if self._compiled(y, grad, z, x):
+                    from lmsae.nn import _kernels
+
+                    _kernels.call("signsgd_sf_step", y.view(-1).numpy(), grad.detach().view(-1).numpy(),
+                                  z.view(-1).numpy(), x.view(-1).numpy(), float(lr), float(weight_decay), float(c),
+                                  float(beta), threads=torch.get_num_threads())
+                    continue
                 if weight_decay != 0:
                     z.add_(p, alpha=-lr * weight_decay)
                 z.add_(grad.sign(), alpha=-lr)
                 x.lerp_(z, c)
-                self._interpolate(z, x, beta, p.detach())
+                self._interpolate(z, x, beta, y)
         return loss
 
 

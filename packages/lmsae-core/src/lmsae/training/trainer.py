@@ -48,7 +48,7 @@ from lmsae.nn.losses import (
 from lmsae.distributed.collectives import all_reduce, reduce_sum
 from lmsae.distributed.mesh import Mesh
 from lmsae.distributed.parallel import ParallelContext, parallel
-from lmsae.nn.axes import flatten_tokens
+from lmsae.nn.axes import TOKEN_AXES, flatten_tokens
 from lmsae.training.metrics import MetricWindow, batch_statistics, distributed_batch_statistics
 from lmsae.training.optim import OPTIMIZERS, build_optimizer, clip_grad_norm_
 from lmsae.training.schedules import (
@@ -464,7 +464,12 @@ class Trainer:
         if out is None:
             return None
         recon, indices, values = out
-        terms = {"mse_loss": reconstruction_loss(recon, label, o_axes, mask)}
+        from lmsae.nn.fused import squared_error_loss
+
+        if all(a in TOKEN_AXES for a in o_axes[:-1]) and recon.shape == label.shape:
+            terms = {"mse_loss": squared_error_loss(recon, label, mask)}  # same value, cheaper backward
+        else:
+            terms = {"mse_loss": reconstruction_loss(recon, label, o_axes, mask)}
         if coef["auxk"] > 0:
             from lmsae.nn.fused import auxk_sae_forward
 
