@@ -265,17 +265,26 @@ def _build() -> dict[str, Any]:  # noqa: C901 - the kernels are defined together
                     out_i[r, q] = ci[q]
 
     @njit(parallel=True, nogil=True, cache=_CACHE, boundscheck=False, fastmath=fast)
-    def decode(indices, values, weight, out, rows_per_block):
-        """``out[t] += sum_j values[t, j] * weight[indices[t, j]]`` (``out`` holds the bias or 0).
+    def decode(indices, values, weight, bias, out, rows_per_block):
+        """``out[t] = bias + sum_j values[t, j] * weight[indices[t, j]]`` (``bias`` of length
+        ``d`` or 0 for none; ``out`` need not be initialised).
 
         The rows of ``weight`` are taken ``rows_per_block`` at a time (a block that fits in a
         core's cache, re-read by every token) rather than gathered from memory once per entry."""
         n, k = indices.shape
         n_rows, d = weight.shape
+        has_bias = bias.shape[0] == d
         for lo in range(0, n_rows, rows_per_block):
             hi = lo + rows_per_block
             for t in prange(n):
                 o = out[t]
+                if lo == 0:
+                    if has_bias:
+                        for c in range(d):
+                            o[c] = bias[c]
+                    else:
+                        for c in range(d):
+                            o[c] = 0.0
                 pending = -1  # entries are added two at a time: half the loads/stores of o
                 for j in range(k):
                     f = indices[t, j]

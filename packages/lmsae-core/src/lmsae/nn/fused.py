@@ -170,11 +170,9 @@ def _np(t: Tensor) -> np.ndarray:
 def _decode(indices: Tensor, values: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     if _compiled(values, weight) and indices.dtype == torch.int64:
         n = indices.shape[0]
-        if bias is not None:
-            out = bias.detach().expand(n, weight.shape[1]).clone()
-        else:
-            out = torch.zeros(n, weight.shape[1], dtype=weight.dtype)
-        _kernels.call("decode", _np(indices), _np(values), _np(weight), out.numpy(),
+        out = torch.empty(n, weight.shape[1], dtype=weight.dtype)
+        b = _np(bias) if bias is not None else np.empty(0, dtype=out.numpy().dtype)
+        _kernels.call("decode", _np(indices), _np(values), _np(weight), b, out.numpy(),
                       _rows_per_block(weight, indices.shape[1]), threads=_threads())
         return out
     out = F.embedding_bag(indices, weight, per_sample_weights=values, mode="sum")
