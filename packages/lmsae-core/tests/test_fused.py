@@ -346,3 +346,15 @@ def test_squared_error_loss_shape_errors():
         squared_error_loss(torch.zeros(4, 3), torch.zeros(4, 2))
     with pytest.raises(ShapeError, match="mask has shape"):
         squared_error_loss(torch.zeros(4, 3), torch.zeros(4, 3), torch.ones(5, dtype=torch.bool))
+
+
+@pytest.mark.parametrize("method", ["auto", "compiled", "topk", "two_stage_numpy"])
+@pytest.mark.parametrize("contiguous", [True, False])
+def test_topk_select_adds_the_bias_in_place(method, contiguous):
+    g = torch.Generator().manual_seed(17)
+    raw = torch.randn(300, 2048, generator=g)
+    bias = torch.randn(2048, generator=g)
+    pre = raw.clone() if contiguous else raw.t().contiguous().t()
+    values, indices = topk_select(pre, 16, method=method, add_bias=bias)
+    torch.testing.assert_close(pre, raw + bias, atol=0, rtol=0)  # pre now holds the pre-activations
+    torch.testing.assert_close(_dense(indices, values, 2048), TopK(16)(raw + bias), atol=0, rtol=0)

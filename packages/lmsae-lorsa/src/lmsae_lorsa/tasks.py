@@ -8,9 +8,9 @@ Steps: load the language model; read calibration batches of sequences from ``[ac
 explained variance on them; save ``config.json`` + ``sae_weights.safetensors`` (normalisation
 not folded, so training continues in the same normalised space).
 
-The train task has no step for architecture-specific initialisation from the language model
-(see the package README for the proposed core hook); until it has, this task (or ``lmsae lorsa
-init-from-model``) followed by a train run with ``[pretrained]`` is the way.
+The train task can do the same initialisation itself (``[initializer] from_language_model =
+true``, as ``examples/lorsa.toml``); this task is for saving the initialised Lorsa alone (to
+inspect it, or to start several train runs from it with ``[pretrained]``).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from lmsae.activations.factory import ActivationsConfig
 from lmsae.config import DictionaryConfig, LanguageModelConfig, RunConfig, config_class, option
 from lmsae.config.fields import FieldValueError, non_negative, positive
 from lmsae.dictionary.io import save_dictionary
-from lmsae.errors import DataError, LmsaeError
+from lmsae.errors import ConfigError, DataError, LmsaeError
 from lmsae.records import TaskSpec
 from lmsae.runtime import RunContext
 from lmsae.tasks.common import estimate_dataset_norms, model_loader, resolve_device, stream_builder, take
@@ -77,8 +77,10 @@ class LorsaInitRunConfig(RunConfig):
         if not isinstance(self.dictionary, LorsaConfig):
             raise FieldValueError("dictionary", f"must be a Lorsa (architecture = \"lorsa\"), got "
                                                 f"{self.dictionary.name!r}")
-        if self.activations.layout != "sequences":
-            raise FieldValueError("activations", "a Lorsa reads whole sequences: set layout = \"sequences\"")
+        # the rule is LorsaConfig.needs_sequences, the flag the train task checks (same message)
+        if self.dictionary.needs_sequences and self.activations.layout != "sequences":
+            raise ConfigError([(f"$.activations.layout: architecture {self.dictionary.name!r} reads whole "
+                                f"sequences (got layout = {self.activations.layout!r}): set layout = \"sequences\"")])
 
 
 def _concat(batches: list[dict[str, Any]], tokens: int) -> dict[str, Any]:

@@ -158,7 +158,7 @@ def _build() -> dict[str, Any]:  # noqa: C901 - the kernels are defined together
         return s != s
 
     @njit(parallel=True, nogil=True, cache=_CACHE, boundscheck=False)
-    def select_rows(pre, b, k, out_v, out_i, bad, chunks):
+    def select_rows(pre, bias, b, k, out_v, out_i, bad, chunks):
         """Exact top-k of each row of ``pre`` (``(n, f)``, ``f = b * nb``, ``nb >= k``).
 
         Per row, in one pass over it (then from the L1 cache):
@@ -173,6 +173,8 @@ def _build() -> dict[str, Any]:  # noqa: C901 - the kernels are defined together
         4. only the passing blocks can hold a top-k entry: their entries ``>= t`` are collected
            (branch-free) and a quickselect puts the ``k`` largest first.
 
+        ``bias`` (length ``f``, or 0 for none) is first added to each row in place, so the GEMM
+        before can skip it (``x W`` instead of ``b + x W``: no separate pass writing the bias).
         Rows holding a NaN or an infinity are flagged in ``bad`` (the caller redoes them with
         ``torch.topk``). ``out_v`` gets ``max(value, 0)`` (the TopK SAE's ReLU), ``out_i`` the
         columns. Rows are processed in ``chunks`` parallel chunks, each with its own scratch.
@@ -180,6 +182,7 @@ def _build() -> dict[str, Any]:  # noqa: C901 - the kernels are defined together
         n, f = pre.shape
         nb = f // b
         ng = nb // k
+        has_bias = bias.shape[0] == f
         for ch in prange(chunks):
             r0 = ch * n // chunks
             r1 = (ch + 1) * n // chunks
@@ -194,6 +197,9 @@ def _build() -> dict[str, Any]:  # noqa: C901 - the kernels are defined together
             half = consts[1]
             for r in range(r0, r1):
                 row = pre[r]
+                if has_bias:  # the encoder bias is added here, in the pass that reads the row anyway
+                    for j in range(f):
+                        row[j] += bias[j]
                 for c in range(nb):
                     bm[c] = row[c]
                 # two segments per sweep over bm (half the loads and stores of bm: 2.6x faster

@@ -231,13 +231,17 @@ def _two_stage_block(f: int, k: int) -> int:
 
 @torch.no_grad()
 def topk_select(pre: Tensor, k: int, *, buffers: Buffers | None = None,
-                method: str = "auto") -> tuple[Tensor, Tensor]:
+                method: str = "auto", add_bias: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """``(values, indices)``, each ``(tokens, min(k, d_sae))``: the TopK activations of ``pre``.
 
     ``values = relu(top-k values of pre)``; the dense activation ``zeros.scatter(indices,
     values)`` equals :class:`lmsae.nn.activations.TopK` applied to ``pre`` (which takes the
     top-k of ``relu(pre)``; they differ only in which zeros are listed). Order within a row is
     unspecified.
+
+    ``add_bias`` (``(d_sae,)``): added to ``pre`` in place first (``pre`` then holds the
+    pre-activations); the compiled selection does it in the pass that reads ``pre`` anyway, so a
+    caller can compute ``x W`` without the bias (a plain GEMM) and save a pass.
 
     ``method``: ``"topk"`` is one ``torch.topk``; ``"two_stage"`` / ``"two_stage_numpy"`` an
     exact two-stage selection: the features are split into ``b`` strided blocks, the ``k`` blocks
@@ -257,6 +261,9 @@ def topk_select(pre: Tensor, k: int, *, buffers: Buffers | None = None,
         raise ShapeError(f"topk_select expects (tokens, d_sae) pre-activations, got shape {tuple(pre.shape)}")
     if method not in SELECT_METHODS:
         raise ValueError(f"unknown selection method {method!r}; valid: {', '.join(SELECT_METHODS)}")
+    if add_bias is not None and not pre.is_contiguous():
+        pre.add_(add_bias)  # in place, as documented, before a contiguous copy is taken
+        add_bias = None
     pre = pre.contiguous()
     n, f = pre.shape
     k = min(int(k), f)
@@ -269,8 +276,10 @@ def topk_select(pre: Tensor, k: int, *, buffers: Buffers | None = None,
             method = "two_stage_numpy" if (use_numpy and b and f >= 16 * k) else "topk"
     if method == "compiled":
         if use_numpy and k > 0 and n > 0 and _kernels.available():
-            return _select_compiled(pre, k, b or 1)
+            return _select_compiled(pre, k, b or 1, add_bias)
         method = "two_stage_numpy" if (use_numpy and b) else "topk"
+    if add_bias is not None:
+        pre.add_(add_bias)
     if method != "topk" and not b:
         method = "topk"
     if method == "two_stage_numpy" and not use_numpy:
@@ -295,13 +304,14 @@ def topk_select(pre: Tensor, k: int, *, buffers: Buffers | None = None,
     return values.relu_(), torch.gather(cand, 1, j)
 
 
-def _select_compiled(pre: Tensor, k: int, b: int) -> tuple[Tensor, Tensor]:
+def _select_compiled(pre: Tensor, k: int, b: int, bias: Tensor | None = None) -> tuple[Tensor, Tensor]:
     n, f = pre.shape
     values = torch.empty(n, k, dtype=pre.dtype)
     indices = torch.empty(n, k, dtype=torch.int64)
     bad = torch.empty(n, dtype=torch.bool)
     threads = _threads()
-    _kernels.call("select_rows", pre.numpy(), b, k, values.numpy(), indices.numpy(), bad.numpy(),
+    bias_np = _np(bias) if bias is not None else np.empty(0, dtype=pre.numpy().dtype)
+    _kernels.call("select_rows", pre.numpy(), bias_np, b, k, values.numpy(), indices.numpy(), bad.numpy(),
                   min(n, 8 * threads), threads=threads)
     if bool(bad.any()):  # rows holding NaN or inf: exactly what torch.topk (the plain TopK) picks
         rows = bad.nonzero().reshape(-1)
@@ -530,8 +540,14 @@ def topk_sae_forward(x: Tensor, W_E: Tensor, b_E: Tensor, W_D: Tensor, b_D: Tens
     with torch.no_grad():
         x_in = x2 if input_bias is None else x2 - input_bias
         pre = _buffer(buffers, "pre", (x2.shape[0], f), W_E)
-        torch.addmm(b_E, x_in, W_E, out=pre)
-        values, indices = topk_select(pre, k, buffers=buffers, method=select_method)
+        if select_method in ("auto", "compiled"):
+            # x W_E alone (addmm would first write the bias into every row: a whole extra pass);
+            # the selection adds b_E while it reads the rows
+            torch.mm(x_in, W_E, out=pre)
+            values, indices = topk_select(pre, k, buffers=buffers, method=select_method, add_bias=b_E.detach())
+        else:
+            torch.addmm(b_E, x_in, W_E, out=pre)
+            values, indices = topk_select(pre, k, buffers=buffers, method=select_method)
     recon, values = _TopKSAEFunction.apply(x2, W_E, b_E, W_D, b_D, input_bias, x_in.detach(), indices, values)
     kk = indices.shape[1]
     return recon.reshape(*lead, W_D.shape[1]), indices.reshape(*lead, kk), values.reshape(*lead, kk)
