@@ -85,7 +85,6 @@ import math
 import os
 import re
 import shutil
-import sys
 import threading
 import uuid
 from collections import deque
@@ -101,6 +100,7 @@ from lmsae.config.base import WriterConfig
 from lmsae.config.fields import config_class, non_negative, one_of, option, positive
 from lmsae.errors import DataError
 from lmsae.records import WriterSpec
+from lmsae.safetensors_io import safetensors_parts
 from lmsae.training.state_io import atomic_write_bytes
 from torch import Tensor
 
@@ -193,32 +193,6 @@ def _tokens_sha256(tokens: Tensor) -> str:
 _SAFETENSORS_DTYPES: dict[torch.dtype, str] = {
     torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.int64: "I64", torch.bool: "BOOL"}
 _TORCH_DTYPES: dict[str, torch.dtype] = {v: k for k, v in _SAFETENSORS_DTYPES.items()}
-
-
-def _safetensors_parts(tensors: Mapping[str, Tensor], metadata: Mapping[str, str]) -> list[bytes | memoryview]:
-    """The bytes of a safetensors file holding CPU ``tensors``, as a list of buffers (the tensor
-    data is not copied).
-
-    Written here rather than with ``safetensors.torch.save`` for two reasons: that function
-    keeps the metadata in a hash map whose order varies between calls, so equal inputs could
-    give different bytes (and checksums), and it returns one big copy of the data. Layout: 8-byte
-    little-endian header length, the JSON header (sorted keys) padded with spaces to a multiple
-    of 8 bytes, then each tensor's little-endian bytes in name order."""
-    if sys.byteorder != "little":  # pragma: no cover - no big-endian torch platform is in use
-        raise DataError("writing activation caches needs a little-endian machine")
-    header: dict[str, Any] = {"__metadata__": dict(sorted(metadata.items()))}
-    parts: list[bytes | memoryview] = []
-    offset = 0
-    for name in sorted(tensors):
-        x = tensors[name].detach().to("cpu").contiguous()
-        raw = memoryview(x.reshape(-1).view(torch.uint8).numpy())
-        header[name] = {"dtype": _SAFETENSORS_DTYPES[x.dtype], "shape": list(x.shape),
-                        "data_offsets": [offset, offset + raw.nbytes]}
-        parts.append(raw)
-        offset += raw.nbytes
-    text = json.dumps(header, separators=(",", ":"), sort_keys=True).encode("utf-8")
-    text += b" " * (-len(text) % 8)
-    return [len(text).to_bytes(8, "little"), text, *parts]
 
 
 def _atomic_write_parts(path: Path, parts: Sequence[bytes | memoryview]) -> tuple[str, int]:
@@ -771,9 +745,9 @@ class ActivationWriter:
         metadata = {"chunk": str(index), "shard": str(self.shard_index)}
         files: dict[str, dict[str, Any]] = {}
         for hook in self.hook_points:
-            parts = _safetensors_parts(
+            parts = safetensors_parts(
                 {"activation": chunk.acts[hook], "tokens": chunk.tokens, "mask": chunk.mask},
-                metadata={"hook": hook, **metadata})
+                metadata={"hook": hook, **metadata}, error=DataError)
             rel = f"{hook}/{chunk_filename(index)}"
             sha, size = _atomic_write_parts(self.shard_dir / rel, parts)
             files[hook] = {"file": rel, "sha256": sha, "bytes": size}

@@ -12,7 +12,6 @@ import json
 import os
 import pathlib
 import shutil
-import sys
 import tempfile
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -20,7 +19,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from lmsae import __version__
+from lmsae import __version__, safetensors_io
 from lmsae.config.base import DictionaryConfig
 from lmsae.config.fields import config_class, option
 from lmsae.errors import CheckpointError, ConfigError
@@ -38,46 +37,11 @@ def state_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
 
 
-#: safetensors dtype names of the tensors a dictionary may hold
-_SAFETENSORS_DTYPES: dict[torch.dtype, str] = {
-    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
-    torch.bool: "BOOL"}
-
-
 def write_safetensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
-    """Write CPU ``tensors`` and ``metadata`` to the safetensors file ``path``: the same bytes for
-    equal inputs.
-
-    ``safetensors.torch.save_file`` keeps the metadata in a hash map whose order changes from call
-    to call, so equal weights gave different files (and checksums). Here the JSON header has
-    sorted keys, padded with spaces to a multiple of 8 bytes, and the data follows in order of
-    decreasing element size, then name (so every tensor is aligned to its element size, as
-    safetensors lays them out). Tensor data is written from the tensors' memory, not copied."""
-    if sys.byteorder != "little":  # pragma: no cover - safetensors data is little-endian
-        raise CheckpointError("saving dictionaries needs a little-endian machine")
-    bad = [k for k, v in metadata.items() if not isinstance(k, str) or not isinstance(v, str)]
-    if bad:
-        raise CheckpointError(f"safetensors metadata must map strings to strings; not so for {bad}")
-    header: dict[str, Any] = {"__metadata__": dict(metadata)}
-    parts: list[memoryview] = []
-    offset = 0
-    for name in sorted(tensors, key=lambda n: (-tensors[n].element_size(), n)):
-        x = tensors[name].detach().to("cpu").contiguous()
-        if x.dtype not in _SAFETENSORS_DTYPES:
-            raise CheckpointError(f"cannot save tensor {name!r} of dtype {x.dtype} (supported: "
-                                  f"{', '.join(str(d) for d in _SAFETENSORS_DTYPES)})")
-        raw = memoryview(x.reshape(-1).view(torch.uint8).numpy())
-        header[name] = {"dtype": _SAFETENSORS_DTYPES[x.dtype], "shape": list(x.shape),
-                        "data_offsets": [offset, offset + raw.nbytes]}
-        parts.append(raw)
-        offset += raw.nbytes
-    text = json.dumps(header, separators=(",", ":"), sort_keys=True).encode("utf-8")
-    text += b" " * (-len(text) % 8)
-    with open(path, "wb") as fh:
-        fh.write(len(text).to_bytes(8, "little"))
-        fh.write(text)
-        fh.writelines(parts)
+    """Write ``tensors`` and ``metadata`` to the safetensors file ``path``: the same bytes for equal
+    inputs (:mod:`lmsae.safetensors_io`; ``safetensors.torch.save_file`` orders the metadata
+    differently from call to call)."""
+    safetensors_io.write_safetensors(path, tensors, metadata, error=CheckpointError)
 
 
 def write_directory_atomically(directory: str | os.PathLike, files: dict[str, bytes | Any]) -> pathlib.Path:
