@@ -228,6 +228,7 @@ def test_sparse_batch_statistics_equal_dense(masked, kernel_path):
     dense = _dense(indices, values, f)
     recon = torch.randn(4, 9, 6, generator=g)
     label = torch.randn(4, 9, 6, generator=g)
+    label[0, :2] = 0.0  # tokens whose label is exactly 0 have no L2 ratio (it used to explode)
     mask = (torch.rand(4, 9, generator=g) > 0.3) if masked else None
     # reference: the dense statistics of the same float32 data computed in float64; the compiled
     # path accumulates in float64 (close to it), the torch path reduces tokens in float32 first
@@ -235,6 +236,9 @@ def test_sparse_batch_statistics_equal_dense(masked, kernel_path):
                            ("batch", "context", "d_model"), mask)
     got = sparse_batch_statistics(indices, values, recon, label, mask, f)
     tol = 1e-12 if kernel_path == "compiled" else 1e-6
+    kept = (mask if mask is not None else torch.ones(4, 9, dtype=torch.bool)).clone()
+    assert float(got["l2_ratio_tokens"]) == float(kept.sum() - kept[0, :2].sum())
+    assert float(got["l2_ratio"]) < 10 * float(got["l2_ratio_tokens"])  # no 1e30-sized terms
     assert set(got) == set(ref)
     for key in ref:
         assert got[key].dtype == ref[key].dtype and got[key].shape == ref[key].shape, key

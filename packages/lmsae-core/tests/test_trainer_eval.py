@@ -41,6 +41,10 @@ def test_evaluation_steps_follow_eval_every_not_log_every(monkeypatch, tmp_path)
     # an evaluation-only row carries no training metrics, and the run's final metrics keep both
     assert all("metrics/l0" not in r for r in rows if r["step"] in (12, 24))
     assert "metrics/explained_variance" in result.metrics
+    # the synthetic source emits tokens with no active true feature (label exactly 0): they have no
+    # L2 ratio and are left out of its mean, which stays near 1 (it was ~1e27 with them)
+    ratios = [r[k] for r in rows for k in ("metrics/l2_ratio", "eval/l2_ratio") if k in r]
+    assert ratios and all(0.0 < v < 10.0 for v in ratios), ratios
 
 
 def stop_on_rank_one(rank: int, world_size: int, out_dir: str) -> None:

@@ -430,7 +430,8 @@ def _build() -> dict[str, Any]:  # noqa: C901 - the kernels are defined together
     @njit(parallel=True, nogil=True, cache=_CACHE, boundscheck=False, fastmath=fast)
     def recon_stats(rec, lab, vals, keep, per_token, colsum):
         """Per kept token ``t`` (``keep[t]``; zeros for the others), in float64, ``per_token[t]`` =
-        ``(||e||^2, ||y||^2, ||e||, ||y||, ||x|| / max(||y||, 1e-30), l0, sum of activations)`` with
+        ``(||e||^2, ||y||^2, ||e||, ||y||, ||x|| / ||y|| (0 if y = 0), l0, sum of activations,
+        [y != 0])`` with
         ``x = rec[t]``, ``y = lab[t]``, ``e = x - y``, the activations ``vals[t]`` (``(tokens, k)``);
         ``colsum[ch]`` sums the kept label rows of chunk ``ch`` (``colsum.shape[0]`` chunks of
         tokens, in parallel)."""
@@ -463,9 +464,10 @@ def _build() -> dict[str, Any]:  # noqa: C901 - the kernels are defined together
                 per_token[t, 1] = ys
                 per_token[t, 2] = np.sqrt(e)
                 per_token[t, 3] = np.sqrt(ys)
-                per_token[t, 4] = np.sqrt(xs) / max(np.sqrt(ys), 1e-30)
+                per_token[t, 4] = np.sqrt(xs) / np.sqrt(ys) if ys > 0 else 0.0
                 per_token[t, 5] = l0
                 per_token[t, 6] = act
+                per_token[t, 7] = 1.0 if ys > 0 else 0.0
 
     @njit(nogil=True, cache=_CACHE, boundscheck=False)
     def count_fired(indices, vals, keep, counts):

@@ -594,12 +594,12 @@ def _compiled_statistics(vals: Tensor, rec: Tensor, lab: Tensor, flat_mask: Tens
     keep = (flat_mask != 0) if flat_mask is not None else torch.ones(n_rows, dtype=torch.bool)
     threads = _threads()
     chunks = max(1, min(n_rows, 4 * threads))
-    per_token = torch.empty(n_rows, 7, dtype=torch.float64)
+    per_token = torch.empty(n_rows, 8, dtype=torch.float64)
     colsum = torch.zeros(chunks, rec.shape[1], dtype=torch.float64)
     _kernels.call("recon_stats", rec.numpy(), lab.numpy(), _np(vals), keep.numpy(), per_token.numpy(),
                   colsum.numpy(), threads=threads)
     n = int(keep.sum())
-    sq_err, y_sq, l2_error, label_norm, l2_ratio, l0, act_sum = per_token.sum(0).unbind()
+    sq_err, y_sq, l2_error, label_norm, l2_ratio, l0, act_sum, l2_ratio_tokens = per_token.sum(0).unbind()
     var = y_sq - colsum.sum(0).square().sum() / max(n, 1)
     zero = torch.zeros((), dtype=torch.float64)
     return {
@@ -610,6 +610,7 @@ def _compiled_statistics(vals: Tensor, rec: Tensor, lab: Tensor, flat_mask: Tens
         "l2_error": l2_error,
         "label_norm": label_norm,
         "l2_ratio": l2_ratio,
+        "l2_ratio_tokens": l2_ratio_tokens,
         "act_sum": act_sum,
         "act_count": l0.clone(),
     }

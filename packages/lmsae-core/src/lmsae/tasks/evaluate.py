@@ -18,7 +18,7 @@ Definitions (printed once with the summary):
   - ``explained_variance = 1 - sum_t ||y_hat_t - y_t||^2 / sum_t ||y_t - mean(y)||^2`` with
     ``mean(y)`` over all evaluated tokens;
   - ``mse``: mean over tokens of ``||y_hat_t - y_t||^2``;
-  - ``l2_ratio``: mean over tokens of ``||y_hat_t|| / ||y_t||`` (below 1: shrinkage);
+  - ``l2_ratio``: mean over tokens (label != 0) of ``||y_hat_t|| / ||y_t||`` (below 1: shrinkage);
   - ``l0``: mean number of active (> 0) features per token;
   - ``dead_fraction``: fraction of features never active on the evaluated tokens;
 
@@ -85,7 +85,7 @@ EVALUATION_FILE = "evaluation.json"
 DEFINITIONS: dict[str, str] = {
     "explained_variance": "1 - sum_t ||y_hat_t - y_t||^2 / sum_t ||y_t - mean(y)||^2, mean over all evaluated tokens",
     "mse": "mean over tokens of ||y_hat_t - y_t||^2 (dictionary space: raw when normalisation is folded)",
-    "l2_ratio": "mean over tokens of ||y_hat_t|| / ||y_t|| (< 1: shrinkage)",
+    "l2_ratio": "mean over tokens (label != 0) of ||y_hat_t|| / ||y_t|| (< 1: shrinkage)",
     "l0": "mean number of active (> 0) features per token",
     "dead_fraction": "fraction of features never active on the evaluated tokens",
     "density_histogram": "features per equal-width bin of log10(fraction of tokens a feature is active on), "

@@ -6,7 +6,8 @@ space; for a dictionary with folded normalisation that is the raw activation spa
 - ``explained_variance = 1 - sum_t ||x_hat_t - y_t||^2 / sum_t ||y_t - mean(y)||^2`` where
   ``mean(y)`` is the mean over *all* evaluated tokens (one dataset-level number, not a mean of
   per-batch ratios);
-- ``mse``: mean over tokens of ``||x_hat_t - y_t||^2``; ``l2_ratio``: mean ``||x_hat_t|| / ||y_t||``;
+- ``mse``: mean over tokens of ``||x_hat_t - y_t||^2``; ``l2_ratio``: mean ``||x_hat_t|| / ||y_t||``
+  (over the tokens whose label is not exactly 0);
 - ``l0``: mean number of active features per token;
 - ``dead_fraction``: fraction of features that never fired on the evaluated tokens;
 - ``mean_feature_act``: mean of the non-zero activations.
@@ -104,7 +105,7 @@ def reconstruction_statistics(model: SparseDictionary, stream: Iterable[dict[str
     was_training = model.training
     model.eval()
     n = 0
-    sq_err = y_sq = l0 = ratio = act_sum = act_count = 0.0
+    sq_err = y_sq = l0 = ratio = ratio_tokens = act_sum = act_count = 0.0
     y_sum: torch.Tensor | None = None
     fire_counts: torch.Tensor | None = None
     dtype = next(model.parameters()).dtype
@@ -127,7 +128,11 @@ def reconstruction_statistics(model: SparseDictionary, stream: Iterable[dict[str
             y_sum = y.sum(0) if y_sum is None else y_sum + y.sum(0)
             active = a > 0
             l0 += float(active.reshape(a.shape[0], -1).sum())
-            ratio += float((y_hat.norm(dim=-1) / y.norm(dim=-1).clamp_min(1e-30)).sum())
+            y_norm = y.norm(dim=-1)
+            nonzero = y_norm > 0  # a token whose label is exactly 0 has no ratio
+            ratio += float(torch.where(nonzero, y_hat.norm(dim=-1) / y_norm.clamp_min(1e-30),
+                                       torch.zeros_like(y_norm)).sum())
+            ratio_tokens += float(nonzero.sum())
             act_sum += float(a.double().sum())
             act_count += float(active.sum())
             counts = active.reshape(a.shape[0], -1).sum(0, dtype=torch.int64)
@@ -144,7 +149,7 @@ def reconstruction_statistics(model: SparseDictionary, stream: Iterable[dict[str
         "explained_variance": 1.0 - sq_err / max(total_var, 1e-30),
         "mse": sq_err / n,
         "l0": l0 / n,
-        "l2_ratio": ratio / n,
+        "l2_ratio": ratio / max(ratio_tokens, 1.0),
         "dead_fraction": float((fire_counts == 0).double().mean()),
         "mean_feature_act": act_sum / max(act_count, 1.0),
     }

@@ -7,7 +7,8 @@ Definitions (all on normalised activations, masked tokens excluded):
   batches.
 - ``metrics/l0``: active features per token (summed over layers/heads for multi-output dictionaries).
 - ``metrics/l2_norm_error``: mean ``||x_hat_t - y_t||``; ``metrics/l2_norm_error_ratio`` divides by
-  mean ``||y_t||``; ``metrics/l2_ratio``: mean ``||x_hat_t|| / ||y_t||`` (shrinkage, 1 is ideal).
+  mean ``||y_t||``; ``metrics/l2_ratio``: mean ``||x_hat_t|| / ||y_t||`` over the tokens whose
+  label is not exactly 0 (shrinkage, 1 is ideal).
 - ``metrics/mean_feature_act``: mean of the non-zero feature activations.
 - ``metrics/dead_fraction``: fraction of features that have not fired for ``dead_threshold``
   tokens (or since the start, while fewer tokens than that have been seen).
@@ -59,7 +60,9 @@ def batch_statistics(feature_acts: Tensor, feature_axes: Sequence[str], reconstr
         "l0": active.sum(dtype=torch.float64),
         "l2_error": err.sqrt().sum(),
         "label_norm": y_norm.sum(),
-        "l2_ratio": (x_norm / y_norm.clamp_min(1e-30)).sum(),
+        # tokens whose label is exactly 0 have no ratio: left out (they made the mean explode)
+        "l2_ratio": torch.where(y_norm > 0, x_norm / y_norm.clamp_min(1e-30), torch.zeros_like(y_norm)).sum(),
+        "l2_ratio_tokens": (y_norm > 0).sum(dtype=torch.float64),
         "act_sum": acts.sum(dtype=torch.float64),
         "act_count": active.sum(dtype=torch.float64),
         "feature_count": active.sum(0, dtype=torch.float64),  # (*feature_dims,)
@@ -86,7 +89,8 @@ def distributed_batch_statistics(feature_acts: Tensor, feature_axes: Sequence[st
     y_norm = y_sq.sqrt()
     sums = torch.stack([
         torch.tensor(float(n), dtype=torch.float64, device=y.device), err.sum(), err.sqrt().sum(), y_norm.sum(),
-        (x_sq.sqrt() / y_norm.clamp_min(1e-30)).sum(), y_sq.sum()])
+        torch.where(y_norm > 0, x_sq.sqrt() / y_norm.clamp_min(1e-30), torch.zeros_like(y_norm)).sum(), y_sq.sum(),
+        (y_norm > 0).sum(dtype=torch.float64)])
     sums = all_reduce(sums, dg)
     y_sum = all_reduce(y.sum(0), dg)
     n_global = float(sums[0])
@@ -105,6 +109,7 @@ def distributed_batch_statistics(feature_acts: Tensor, feature_axes: Sequence[st
         "l2_error": sums[2],
         "label_norm": sums[3],
         "l2_ratio": sums[4],
+        "l2_ratio_tokens": sums[6],
         "act_sum": feature_sums[1],
         "act_count": feature_sums[0],
         "feature_count": feature_count,
@@ -151,7 +156,7 @@ class MetricWindow:
         out["metrics/mse"] = float(s["sq_err"]) / max(n, 1.0)
         out["metrics/l2_norm_error"] = float(s["l2_error"]) / max(n, 1.0)
         out["metrics/l2_norm_error_ratio"] = float(s["l2_error"]) / max(float(s["label_norm"]), 1e-30)
-        out["metrics/l2_ratio"] = float(s["l2_ratio"]) / max(n, 1.0)
+        out["metrics/l2_ratio"] = float(s["l2_ratio"]) / max(float(s.get("l2_ratio_tokens", n)), 1.0)
         out["metrics/mean_feature_act"] = float(s["act_sum"]) / max(float(s["act_count"]), 1.0)
         freq = s["feature_count"] / max(n, 1.0)
         for v in FREQUENCY_ABOVE:
