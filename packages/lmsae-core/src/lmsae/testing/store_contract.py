@@ -52,41 +52,47 @@ __all__ = ["StoreContract", "assert_same", "make_dictionary", "make_evaluation",
 # Exact comparison of records holding numpy arrays
 
 
+def _expect(condition: bool, message: str) -> None:
+    """An assertion that holds under ``python -O`` too (plain ``assert`` statements are removed)."""
+    if not condition:
+        raise AssertionError(message)
+
+
 def assert_same(actual: Any, expected: Any, path: str = "$") -> None:
     """Deep equality where arrays must match in dtype, shape and values (NaN equals NaN),
     tuples stay tuples and attrs records are compared field by field."""
     if attrs.has(type(expected)):
-        assert type(actual) is type(expected), f"{path}: {type(actual).__name__} != {type(expected).__name__}"
+        _expect(type(actual) is type(expected), f"{path}: {type(actual).__name__} != {type(expected).__name__}")
         for field in attrs.fields(type(expected)):
             assert_same(getattr(actual, field.name), getattr(expected, field.name), f"{path}.{field.name}")
         return
     if isinstance(expected, np.ndarray):
-        assert isinstance(actual, np.ndarray), f"{path}: {type(actual).__name__} is not an array"
-        assert actual.dtype == expected.dtype, f"{path}: dtype {actual.dtype} != {expected.dtype}"
-        assert actual.shape == expected.shape, f"{path}: shape {actual.shape} != {expected.shape}"
+        _expect(isinstance(actual, np.ndarray), f"{path}: {type(actual).__name__} is not an array")
+        _expect(actual.dtype == expected.dtype, f"{path}: dtype {actual.dtype} != {expected.dtype}")
+        _expect(actual.shape == expected.shape, f"{path}: shape {actual.shape} != {expected.shape}")
         equal_nan = expected.dtype.kind == "f"
-        assert np.array_equal(actual, expected, equal_nan=equal_nan), f"{path}: values differ"
+        _expect(np.array_equal(actual, expected, equal_nan=equal_nan), f"{path}: values differ")
         return
     if isinstance(expected, dict):
-        assert isinstance(actual, dict), f"{path}: {type(actual).__name__} is not a dict"
-        assert list(actual) == list(expected) or set(actual) == set(expected), \
-            f"{path}: keys {sorted(map(str, actual))} != {sorted(map(str, expected))}"
+        _expect(isinstance(actual, dict), f"{path}: {type(actual).__name__} is not a dict")
+        _expect(list(actual) == list(expected) or set(actual) == set(expected),
+                f"{path}: keys {sorted(map(str, actual))} != {sorted(map(str, expected))}")
         for key in expected:
             assert_same(actual[key], expected[key], f"{path}[{key!r}]")
         return
     if isinstance(expected, (list, tuple)):
-        assert type(actual) is type(expected), f"{path}: {type(actual).__name__} != {type(expected).__name__}"
-        assert len(actual) == len(expected), f"{path}: length {len(actual)} != {len(expected)}"
+        _expect(type(actual) is type(expected), f"{path}: {type(actual).__name__} != {type(expected).__name__}")
+        _expect(len(actual) == len(expected), f"{path}: length {len(actual)} != {len(expected)}")
         for i, (a, e) in enumerate(zip(actual, expected)):
             assert_same(a, e, f"{path}[{i}]")
         return
     if isinstance(expected, float) and math.isnan(expected):
-        assert isinstance(actual, float) and math.isnan(actual), f"{path}: {actual!r} is not NaN"
+        _expect(isinstance(actual, float) and math.isnan(actual), f"{path}: {actual!r} is not NaN")
         return
-    assert type(actual) is type(expected) or (isinstance(actual, (int, float)) and isinstance(expected, (int, float))
-                                              and not isinstance(expected, bool)), \
-        f"{path}: type {type(actual).__name__} != {type(expected).__name__}"
-    assert actual == expected, f"{path}: {actual!r} != {expected!r}"
+    _expect(type(actual) is type(expected) or (isinstance(actual, (int, float)) and isinstance(expected, (int, float))
+                                               and not isinstance(expected, bool)),
+            f"{path}: type {type(actual).__name__} != {type(expected).__name__}")
+    _expect(actual == expected, f"{path}: {actual!r} != {expected!r}")
 
 
 # --------------------------------------------------------------------------------------------
